@@ -1,0 +1,134 @@
+"""Grouped-query self-attention with RoPE and an optional sliding window.
+
+One attention function serves training, prefill and decode; what it sees is decided by the caller:
+
+- no cache: keys are the T query positions themselves, visibility is causal (+ window);
+- with a KV cache: the cache hands back its whole buffer of S slots and the absolute position of every
+  slot (`key_positions`, -1 for an empty slot). A slot is visible to a query iff it is filled, not in the
+  future, and inside the window. This one rule covers a rolling buffer whose slots are out of order,
+  chunked prefill on top of a cache, and batch rows of different lengths.
+
+Shapes: B batch, T query positions, S key slots, H query heads, Hkv key/value heads, D head dim.
+
+Two backends compute the same thing (`kernels`):
+- "torch": PyTorch's `scaled_dot_product_attention` with a boolean mask (fast on the CPU; the mask is
+  built once per forward by `AttentionContext`, not per layer);
+- "triton": komt's hand-written Triton kernels (`kernels.attention`), used on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from komt.model.config import ModelConfig
+from komt.model.rope import apply_rope
+
+KERNEL_BACKENDS = ("torch", "triton")
+
+
+def visibility_mask(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None
+) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S]: True where query t may attend to key slot s.
+
+    Visible iff the slot is filled (position >= 0), not after the query (causal) and, with a sliding
+    window W, less than W positions back: i - W < j <= i.
+    """
+    q = query_positions[:, None, :, None]  # (B, T) -> (B, 1, T, 1)
+    k = key_positions[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+@dataclass
+class AttentionContext:
+    """What every layer's attention needs to know about positions, computed once per forward.
+
+    `key_positions` is None when there is no cache: keys are the queries' own positions, in order.
+    `mask` is the boolean visibility mask for the torch backend, or None when plain causal attention
+    (SDPA's `is_causal`) already says the same thing.
+    """
+
+    query_positions: torch.Tensor  # (B, T)
+    key_positions: torch.Tensor | None  # (B, S) or None
+    window: int | None
+    backend: str
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def build(
+        cls,
+        query_positions: torch.Tensor,
+        key_positions: torch.Tensor | None,
+        window: int | None,
+        backend: str,
+    ) -> "AttentionContext":
+        ctx = cls(query_positions, key_positions, window, backend)
+        if backend == "torch":
+            T = query_positions.shape[1]
+            if key_positions is None and (window is None or window >= T):
+                ctx.mask = None  # causal over the same T positions: is_causal says it
+            else:
+                keys = query_positions if key_positions is None else key_positions
+                ctx.mask = visibility_mask(query_positions, keys, window)
+        return ctx
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over the visible keys: q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D]."""
+    if ctx.backend == "triton":
+        import kernels  # only on this path: komt runs without triton installed
+
+        if ctx.key_positions is None:
+            return kernels.attention(q, k, v, causal=True, window=ctx.window)
+        return kernels.attention(
+            q, k, v, causal=True, window=ctx.window, q_pos=ctx.query_positions, k_pos=ctx.key_positions
+        )
+    if ctx.mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
+
+
+class Attention(nn.Module):
+    """q/k/v projections -> RoPE -> (cache) -> grouped-query attention -> o projection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, D = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(hidden, self.n_heads * D, bias=False)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * D, hidden, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: AttentionContext,
+        cache=None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        D = self.head_dim
+        # (B, T, H*D) -> (B, T, H, D) -> (B, H, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, D).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if cache is not None:
+            # The cache stores the rotated keys and returns its whole buffer: (B, Hkv, S, D).
+            k, v = cache.update(self.layer_idx, k, v)
+        out = attend(q, k, v, ctx)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * D)  # (B, H, T, D) -> (B, T, H*D)
+        return self.o_proj(out)

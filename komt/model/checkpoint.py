@@ -1,0 +1,206 @@
+"""Load a Hugging Face checkpoint folder (config.json + weights) into a `Transformer`.
+
+Weights come in four layouts, all read here:
+
+    model.safetensors                                         one file
+    model-00001-of-00003.safetensors ... + model.safetensors.index.json
+    pytorch_model.bin                                         one pickle (2023 transformers default)
+    pytorch_model-00001-of-00002.bin ... + pytorch_model.bin.index.json   (komt-mistral-7b-v1 ships this)
+
+Memory: the module is built on the meta device (no storage), then each tensor goes from a memory map
+straight to its target device and dtype and is set into the module; a tensor already in the target
+dtype on the CPU is used in place (zero copy). So a 14.5 GB bf16 checkpoint loads with peak RSS close to
+14.5 GB. Pickles are read with `torch.load(weights_only=True, mmap=True)`: no arbitrary code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from komt.errors import CheckpointError, ConfigError
+from komt.model.config import ModelConfig
+from komt.model.safetensors_file import SafetensorsFile
+from komt.model.transformer import Transformer
+
+DTYPES_BY_NAME = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+# Tensors some checkpoints carry that are recomputed, not learned (old Llama exports saved RoPE's inv_freq).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """`"bf16"` / `"bfloat16"` / `torch.bfloat16` -> torch.bfloat16; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES_BY_NAME[dtype.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
+
+
+class ShardReader:
+    """Tensors of one shard, viewed without copying: a safetensors memory map or an mmap'd pickle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._st: SafetensorsFile | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+        if path.suffix == ".safetensors":
+            self._st = SafetensorsFile(path)
+        else:
+            self._state = _torch_load(path)
+
+    def names(self) -> list[str]:
+        return self._st.keys() if self._st is not None else list(self._state)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._st.tensor(name) if self._st is not None else self._state[name]
+
+    def release(self, name: str) -> None:
+        if self._st is not None:
+            self._st.release(name)
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: unreadable or corrupt PyTorch checkpoint: {first_line}") from None
+    except Exception as err:  # weights_only refuses pickles with code: pickle.UnpicklingError and kin
+        raise CheckpointError(f"{path}: refused to load (not a plain tensor pickle): {type(err).__name__}") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict)")
+    return state
+
+
+def find_weight_shards(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, preferring safetensors over pickles."""
+    for index_name, single_name in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index_path = folder / index_name
+        if index_path.exists():
+            return _shards_from_index(index_path)
+        single = folder / single_name
+        if single.exists():
+            return [single]
+    raise CheckpointError(
+        f"{folder}: no weights (expected model.safetensors, model.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json)"
+    )
+
+
+def _shards_from_index(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{index_path}: unreadable index (expected a JSON object with 'weight_map')") from None
+    shards = []
+    for filename in sorted(set(weight_map.values())):
+        path = index_path.parent / filename
+        if not path.exists():
+            raise CheckpointError(f"{index_path}: shard {filename} is missing from {index_path.parent}")
+        shards.append(path)
+    return shards
+
+
+def build_empty_model(config: ModelConfig) -> Transformer:
+    """The module with every parameter on the meta device: shapes and names, no memory."""
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def load_weights(
+    model: Transformer,
+    shards: list[Path],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    progress: ProgressFn | None = None,
+) -> None:
+    """Fill a meta-device model from checkpoint shards; every expected tensor must appear exactly once."""
+    expected = dict(model.named_parameters(remove_duplicate=True))
+    tied = model.config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)
+    total = sum(shard.stat().st_size for shard in shards)
+    done = 0
+    loaded: set[str] = set()
+    for shard in shards:
+        reader = ShardReader(shard)
+        for name in reader.names():
+            if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                continue
+            if name not in expected:
+                raise CheckpointError(f"{shard}: unexpected tensor {name!r} (not a parameter of this model)")
+            source = reader.tensor(name)
+            want = tuple(expected[name].shape)
+            if tuple(source.shape) != want:
+                raise CheckpointError(
+                    f"{shard}: tensor {name!r} has shape {tuple(source.shape)}, expected {want}"
+                )
+            target_dtype = dtype or _checkpoint_dtype(model.config, source)
+            value = source.to(device=device, dtype=target_dtype)
+            if value.data_ptr() != source.data_ptr():
+                reader.release(name)  # copied: the mapped pages are no longer needed
+            _set_parameter(model, name, value)
+            loaded.add(name)
+            done += source.numel() * source.element_size()
+            if progress is not None:
+                progress(min(done, total), total)
+        del reader
+    missing = [name for name in expected if name not in loaded]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}{more}")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _checkpoint_dtype(config: ModelConfig, tensor: torch.Tensor) -> torch.dtype:
+    """Keep the checkpoint's dtype; the config's `torch_dtype` decides when the file mixes dtypes."""
+    declared = DTYPES_BY_NAME.get(str(config.torch_dtype).replace("torch.", ""))
+    return declared or tensor.dtype
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def load_checkpoint(
+    folder: Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    progress: ProgressFn | None = None,
+) -> Transformer:
+    """config.json + weights in `folder` -> a Transformer in eval mode on `device`."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
+    config = ModelConfig.from_file(folder / "config.json")
+    shards = find_weight_shards(folder)
+    model = build_empty_model(config)
+    load_weights(model, shards, torch.device(device or "cpu"), parse_dtype(dtype), progress)
+    return model.eval()
+
+
+def iter_state(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint folder, shard by shard, as zero-copy views (for conversion/merging)."""
+    for shard in find_weight_shards(folder):
+        reader = ShardReader(shard)
+        for name in reader.names():
+            yield name, reader.tensor(name)

@@ -1,0 +1,82 @@
+"""Turn a model name into a local folder: a path as is, or a Hugging Face hub id from the local cache.
+
+`davidkim205/komt-mistral-7b-v1` is looked up in the Hugging Face cache layout that `huggingface_hub`
+writes (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`):
+
+    models--davidkim205--komt-mistral-7b-v1/
+        refs/main                 -> a commit hash
+        snapshots/<hash>/         -> config.json, weights, tokenizer.model (links into blobs/)
+
+No network is used for that. Only when the id is not cached, and `huggingface_hub` is installed (the
+optional `hub` extra) and `HF_HUB_OFFLINE` is not set, is it downloaded; otherwise the error says how.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from komt.errors import CheckpointError
+
+# What a model needs: never the optimizer states or the duplicate formats some repos also carry.
+_DOWNLOAD_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                      "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def hub_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def cached_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path | None:
+    """The cached snapshot folder of `repo_id` (the `main` ref if recorded, else the newest), or None."""
+    repo_dir = (cache_dir or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        candidate = snapshots / ref.read_text().strip()
+        if (candidate / "config.json").exists():
+            return candidate
+    complete = [s for s in snapshots.iterdir() if (s / "config.json").exists()]
+    return max(complete, key=lambda s: s.stat().st_mtime) if complete else None
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A local checkpoint folder for a path or a hub id (see module docstring)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if not looks_like_hub_id(name):
+        raise CheckpointError(f"{name}: no such folder")
+    snapshot = cached_snapshot(name)
+    if snapshot is not None:
+        return snapshot
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    how = (f"download it with `huggingface-cli download {repo_id}` (pip install 'komt[hub]') "
+           "or pass a local checkpoint folder with --model")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise CheckpointError(f"{repo_id}: not in the Hugging Face cache ({hub_cache_dir()}) and HF_HUB_OFFLINE is set; {how}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{repo_id}: not in the Hugging Face cache ({hub_cache_dir()}); {how}") from None
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=_DOWNLOAD_PATTERNS + ["*.bin", "*.bin.index.json"],
+                                   ignore_patterns=["optimizer*", "training_args*"])
+    except Exception as err:  # network errors, missing repo, auth: all one message for the user
+        raise CheckpointError(f"{repo_id}: download failed ({type(err).__name__}); {how}") from None
+    return Path(folder)

@@ -1,0 +1,60 @@
+"""`load_model`: the one call that turns a name into a ready model (the stable public API)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from komt.errors import ConfigError
+from komt.model.attention import KERNEL_BACKENDS
+from komt.model.checkpoint import ProgressFn, load_checkpoint
+from komt.model.hub import resolve_model_path
+from komt.model.transformer import Transformer
+
+
+def choose_kernels(device: torch.device, requested: str | None = None) -> str:
+    """The attention/RMSNorm backend: `requested`, else $KOMT_KERNELS, else Triton on CUDA and torch elsewhere.
+
+    Read here, at the edge, so nothing deep in the model looks at the environment.
+    """
+    choice = requested or os.environ.get("KOMT_KERNELS") or None
+    if choice is None:
+        if device.type != "cuda":
+            return "torch"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            print("komt: triton is not installed; using the torch attention path on CUDA", file=sys.stderr)
+            return "torch"
+        return "triton"
+    if choice not in KERNEL_BACKENDS:
+        raise ConfigError(f"KOMT_KERNELS / kernels must be one of {', '.join(KERNEL_BACKENDS)}, got {choice!r}")
+    return choice
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    adapter: str | os.PathLike | None = None,
+    kernels: str | None = None,
+    progress: ProgressFn | None = None,
+) -> Transformer:
+    """Load a Hugging Face-format Mistral/Llama checkpoint (folder or hub id) in eval mode.
+
+    `dtype` None keeps the checkpoint's dtype; `adapter` applies a PEFT LoRA adapter folder;
+    `kernels` picks "torch" or "triton" (default: Triton on CUDA). `model(input_ids)` -> logits.
+    """
+    folder = resolve_model_path(name_or_path)
+    device = torch.device(device or "cpu")
+    model = load_checkpoint(Path(folder), device=device, dtype=dtype, progress=progress)
+    model.source_path = Path(folder)
+    if adapter is not None:
+        from komt.model.lora import load_adapter
+
+        load_adapter(model, adapter)
+    model.set_kernels(choose_kernels(device, kernels))
+    return model

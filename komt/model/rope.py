@@ -1,0 +1,42 @@
+"""Rotary position embedding (RoPE, Su et al. 2021) in the Hugging Face "rotate-half" convention.
+
+Each head vector x of size D is split into halves (x1, x2) = (x[:D/2], x[D/2:]); the pair
+(x1[i], x2[i]) is rotated by the angle pos * theta^(-2i/D). Hugging Face checkpoints store q_proj/k_proj
+permuted for this convention (Meta's original interleaves pairs instead), so using it lets the weights
+load unchanged.
+
+The angles depend only on positions, so the model computes (cos, sin) once per forward and every layer
+reuses them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for absolute `positions` [B, T], each [B, 1, T, head_dim] in `dtype`.
+
+    Computed in fp32 (bf16 angles would be off by whole radians at position 4096), then cast, as the
+    Hugging Face reference does.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)  # (D/2,)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, D): both halves share the angle of pair i
+    cos = angles.cos().to(dtype)[:, None]  # (B, T, D) -> (B, 1, T, D): broadcast over heads
+    sin = angles.sin().to(dtype)[:, None]
+    return cos, sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the last dimension: the 90-degree turn of every pair."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by the angles of its positions (cos, sin from `rope_angles`)."""
+    return x * cos + rotate_half(x) * sin
