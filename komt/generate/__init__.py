@@ -1,0 +1,16 @@
+"""Text in, text out: tokenizer, prompt format, KV cache, sampler, decoding loop, streaming, CLI."""
+
+from komt.generate.generation import (
+    GenerationStats,
+    decode_step,
+    generate,
+    generate_batch,
+    prefill,
+    stream_generate,
+    stream_text,
+)
+from komt.generate.sampling import SamplingParams, sample
+from komt.generate.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = ["generate", "generate_batch", "stream_generate", "stream_text", "prefill", "decode_step",
+           "sample", "SamplingParams", "GenerationStats", "Tokenizer", "load_tokenizer"]

@@ -1,0 +1,249 @@
+"""The decoding loop: prefill the prompt into a KV cache, then one token per step.
+
+    prompt ids -> prefill (one forward, or chunks of at most W for long prompts with a sliding window)
+               -> logits of the last position -> sample -> decode_step -> sample -> ... until
+                  EOS, a stop string, or max_new_tokens.
+
+`prefill`, `decode_step` and `sample` are separate top-level functions (gpt-fast's layout) so each can be
+read, timed and compiled on its own. `stream_generate` yields ids as they come; `generate` collects them;
+`generate_batch` runs several prompts of different lengths together; `stream_text` adds the streaming
+detokenizer and stop strings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from komt.errors import GenerationError
+from komt.generate.cache import KVCache
+from komt.generate.sampling import SamplingParams, sample
+
+
+@dataclass
+class GenerationStats:
+    """Timings of one generation, for the CLI's stats line and the benchmark."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    end: float | None = None
+
+    @property
+    def time_to_first_token(self) -> float:
+        return (self.first_token_at or self.start) - self.start
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / max(self.time_to_first_token, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens after the first, over the time after the first (the first comes from prefill)."""
+        if self.new_tokens < 2 or self.end is None or self.first_token_at is None:
+            return 0.0
+        return (self.new_tokens - 1) / max(self.end - self.first_token_at, 1e-9)
+
+
+def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    weight = model.model.embed_tokens.weight
+    return weight.device, weight.dtype
+
+
+def new_cache(model, batch_size: int, prompt_len: int, max_new_tokens: int) -> KVCache:
+    """A cache sized for this generation: prompt + new tokens, or a rolling buffer of the window."""
+    config = model.config
+    chunk = prompt_len if config.sliding_window is None else min(config.sliding_window, prompt_len)
+    device, dtype = _model_device_dtype(model)
+    return KVCache(config, batch_size, prompt_len + max_new_tokens, max(chunk, 1), device, dtype)
+
+
+@torch.inference_mode()
+def prefill(model, cache: KVCache, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Run prompt ids [B, T] (positions start..start+T-1) through the model, filling the cache.
+
+    Long prompts with a sliding window go in chunks of the cache's prefill chunk (at most W), so the
+    rolling buffer never drops a key that the chunk still needs. Returns the last position's logits [B, V].
+    """
+    B, T = ids.shape
+    chunk = cache.prefill_chunk if cache.wraps else T
+    logits = None
+    for lo in range(0, T, chunk):
+        part = ids[:, lo : lo + chunk]
+        positions = torch.arange(start + lo, start + lo + part.shape[1], device=ids.device).expand(B, -1)
+        logits = model(part, positions=positions, cache=cache, last_only=True)
+    return logits[:, -1]
+
+
+@torch.inference_mode()
+def decode_step(model, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One new token per row: tokens [B], positions [B] -> next-token logits [B, V]."""
+    return model(tokens[:, None], positions=positions[:, None], cache=cache)[:, -1]
+
+
+def _check_request(model, prompt_ids: Sequence[int], max_new_tokens: int) -> int:
+    """Validate a prompt; return how many new tokens fit in the context."""
+    if len(prompt_ids) == 0:
+        raise GenerationError("the prompt is empty")
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    vocab = model.config.vocab_size
+    bad = [i for i in prompt_ids if not 0 <= int(i) < vocab]
+    if bad:
+        raise GenerationError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
+    context = model.config.max_position_embeddings
+    if len(prompt_ids) >= context:
+        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")
+    return min(max_new_tokens, context - len(prompt_ids))
+
+
+def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def stream_generate(
+    model,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one by one (EOS is not yielded; generation ends there)."""
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    max_new_tokens = _check_request(model, prompt_ids, max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    device, _ = _model_device_dtype(model)
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt_ids)
+    generator = _make_generator(device, seed)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen[0, ids[0]] = True
+    cache = new_cache(model, 1, len(prompt_ids), max_new_tokens)
+    logits = prefill(model, cache, ids)
+    position = len(prompt_ids)
+    for step in range(max_new_tokens):
+        token = sample(logits, params, generator, seen)  # (1,)
+        token_id = int(token)
+        if step == 0:
+            stats.first_token_at = time.perf_counter()
+        if token_id == eos_id:
+            break
+        stats.new_tokens += 1
+        yield token_id
+        if step == max_new_tokens - 1:
+            break
+        if seen is not None:
+            seen[0, token_id] = True
+        logits = decode_step(model, cache, token, torch.tensor([position], device=device))
+        position += 1
+    stats.end = time.perf_counter()
+
+
+def generate(model, prompt_ids: Sequence[int], **kwargs) -> list[int]:
+    """The new token ids of one generation (see `stream_generate` for the arguments)."""
+    return list(stream_generate(model, prompt_ids, **kwargs))
+
+
+def generate_batch(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    eos_id: int | None = None,
+) -> list[list[int]]:
+    """Generate for several prompts of different lengths at once; row b equals a solo generation greedily.
+
+    Each prompt is prefilled into its own cache row (so no padding enters the math), then all rows
+    decode together, each at its own position; a row that reached EOS idles until all are done.
+    """
+    if not prompts:
+        return []
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    limits = [_check_request(model, p, max_new_tokens) for p in prompts]
+    max_new = max(limits)
+    device, _ = _model_device_dtype(model)
+    B, V = len(prompts), model.config.vocab_size
+    generator = _make_generator(device, seed)
+    cache = new_cache(model, B, max(len(p) for p in prompts), max_new)
+    seen = torch.zeros(B, V, dtype=torch.bool, device=device) if repetition_penalty != 1.0 else None
+    last_logits = []
+    for b, prompt in enumerate(prompts):
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+        last_logits.append(prefill(model, cache.row(b), ids))
+        if seen is not None:
+            seen[b, ids[0]] = True
+    logits = torch.cat(last_logits)  # (B, V)
+    positions = torch.tensor([len(p) for p in prompts], device=device)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [limit == 0 for limit in limits]
+    for _ in range(max_new):
+        tokens = sample(logits, params, generator, seen)  # (B,)
+        for b, token_id in enumerate(tokens.tolist()):
+            if done[b]:
+                continue
+            if token_id == eos_id:
+                done[b] = True
+                continue
+            outputs[b].append(token_id)
+            done[b] = len(outputs[b]) >= limits[b]
+        if all(done):
+            break
+        if seen is not None:
+            seen[torch.arange(B, device=device), tokens] = True
+        logits = decode_step(model, cache, tokens, positions)
+        positions = positions + 1
+    return outputs
+
+
+def stream_text(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    *,
+    stop: Iterable[str] = (),
+    stats: GenerationStats | None = None,
+    **sampling,
+) -> Iterator[str]:
+    """Yield text pieces as soon as they are final, ending at EOS, a stop string (not emitted) or the limit."""
+    from komt.generate.stream import StopMatcher, StreamDecoder
+
+    decoder = StreamDecoder(tokenizer)
+    matcher = StopMatcher(stop)
+    sampling.setdefault("eos_id", tokenizer.eos_id)
+    for token_id in stream_generate(model, prompt_ids, stats=stats, **sampling):
+        text, stopped = matcher.push(decoder.push(token_id))
+        if text:
+            yield text
+        if stopped:
+            return
+    text, stopped = matcher.push(decoder.flush())
+    if text:
+        yield text
+    if not stopped:
+        tail = matcher.flush()
+        if tail:
+            yield tail
