@@ -81,8 +81,12 @@ class AttentionContext:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v over the visible keys: q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D]."""
-    if ctx.backend == "triton":
+    """softmax(q k^T / sqrt(D)) v over the visible keys: q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D].
+
+    The Triton kernels are forward-only, so when gradients are needed (LoRA training) attention takes
+    PyTorch's SDPA, whose CUDA backends have a fused backward pass.
+    """
+    if ctx.backend == "triton" and not (torch.is_grad_enabled() and q.requires_grad):
         import kernels  # only on this path: komt runs without triton installed
 
         if ctx.key_positions is None:

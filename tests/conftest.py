@@ -1,0 +1,41 @@
+"""Shared test helpers: fixture paths and tiny checkpoints written on the fly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def fixtures() -> Path:
+    return FIXTURES
+
+
+def write_checkpoint(model, folder: Path, tokenizer: bool = False) -> Path:
+    """Write `model` as a Hugging Face checkpoint folder (config.json + model.safetensors)."""
+    from komt.model.safetensors_file import write_safetensors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    state = {k: v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    write_safetensors(folder / "model.safetensors", list(state.items()))
+    if tokenizer:
+        shutil.copy(FIXTURES / "tokenizer" / "tokenizer.model", folder / "tokenizer.model")
+    return folder
