@@ -67,3 +67,10 @@ def test_komt_runs_without_triton_installed(fixtures):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "4"
+
+
+def test_head_dim_the_kernels_cannot_tile_falls_back_or_errors(monkeypatch):
+    monkeypatch.delenv("KOMT_KERNELS", raising=False)
+    assert choose_kernels(torch.device("cuda"), head_dim=8) == "torch"  # default choice falls back, says so
+    with pytest.raises(komt.ConfigError, match="head_dim"):
+        choose_kernels(torch.device("cpu"), "triton", head_dim=96)

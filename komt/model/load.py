@@ -15,7 +15,12 @@ from komt.model.hub import resolve_model_path
 from komt.model.transformer import Transformer
 
 
-def choose_kernels(device: torch.device, requested: str | None = None) -> str:
+def triton_supports(head_dim: int) -> bool:
+    """The Triton attention kernels tile the head dim in one block: a power of two from 16 to 256."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def choose_kernels(device: torch.device, requested: str | None = None, head_dim: int = 128) -> str:
     """The attention/RMSNorm backend: `requested`, else $KOMT_KERNELS, else Triton on CUDA and torch elsewhere.
 
     Read here, at the edge, so nothing deep in the model looks at the environment.
@@ -23,6 +28,9 @@ def choose_kernels(device: torch.device, requested: str | None = None) -> str:
     choice = requested or os.environ.get("KOMT_KERNELS") or None
     if choice is None:
         if device.type != "cuda":
+            return "torch"
+        if not triton_supports(head_dim):
+            print(f"komt: head_dim {head_dim} is not a power of two in 16..256; using the torch path", file=sys.stderr)
             return "torch"
         try:
             import triton  # noqa: F401
@@ -32,6 +40,8 @@ def choose_kernels(device: torch.device, requested: str | None = None) -> str:
         return "triton"
     if choice not in KERNEL_BACKENDS:
         raise ConfigError(f"KOMT_KERNELS / kernels must be one of {', '.join(KERNEL_BACKENDS)}, got {choice!r}")
+    if choice == "triton" and not triton_supports(head_dim):
+        raise ConfigError(f"the Triton kernels need a head_dim that is a power of two in 16..256, this model has {head_dim}")
     return choice
 
 
@@ -56,5 +66,5 @@ def load_model(
         from komt.model.lora import load_adapter
 
         load_adapter(model, adapter)
-    model.set_kernels(choose_kernels(device, kernels))
+    model.set_kernels(choose_kernels(device, kernels, model.config.head_dim))
     return model
