@@ -1,0 +1,165 @@
+"""`python -m komt.eval`: komt's LLM-judged evaluation on 37 Korean instructions, and perplexity.
+
+Evaluate a model (answers sampled with the model card's settings, judged 0-5 by an OpenAI-compatible
+endpoint), then print its row among komt's published ones:
+
+    OPENAI_API_KEY=... python -m komt.eval --model davidkim205/komt-mistral-7b-v1 \\
+        --output runs/komt-mistral-7b-v1.jsonl --judge-url https://api.openai.com/v1 --judge-model gpt-4o
+
+Judge existing answers instead of generating (komt's published files have the right shape):
+
+    python -m komt.eval --answers answers.jsonl --output runs/mine.jsonl \\
+        --judge-url http://127.0.0.1:8000/v1 --judge-model judge --api-key-env MY_KEY
+
+Rerunning the same command resumes: ids already in --output are skipped. With every id scored, the
+judge flags are not needed and the command only prints the report.
+
+Perplexity of a model (and adapter) on a text file or on instruction JSONL (answer tokens only):
+
+    python -m komt.eval --model ckpt --adapter out/adapter --perplexity heldout.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from komt.errors import DataError, KomtError
+from komt.eval.answers import (
+    MODEL_CARD_MAX_NEW_TOKENS,
+    MODEL_CARD_SAMPLING,
+    cached_answerer,
+    file_answerer,
+    load_model_answerer,
+    read_answers,
+)
+from komt.eval.judge import Judge, JudgeError
+from komt.eval.questions import load_questions
+from komt.eval.report import report, row_from_records
+from komt.eval.results import read_results
+from komt.eval.run import evaluate
+
+DEFAULT_PPL_MAX_LEN = 2048
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc_head, _, doc_rest = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="python -m komt.eval", description=doc_head, epilog=doc_rest,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_argument_group("answers")
+    source.add_argument("--model", help="checkpoint folder or hub id to generate answers with")
+    source.add_argument("--adapter", help="LoRA adapter folder applied to --model")
+    source.add_argument("--tokenizer", help="tokenizer.model or its folder (default: the checkpoint's)")
+    source.add_argument("--answers", help="JSONL with id and answer: judge these instead of generating")
+    source.add_argument("--questions", help="JSONL (id, instruction) or text, one per line (default: komt's 37)")
+    source.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    source.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
+    source.add_argument("--max-new-tokens", type=int, default=MODEL_CARD_MAX_NEW_TOKENS,
+                        help=f"default {MODEL_CARD_MAX_NEW_TOKENS} (the model card's)")
+    source.add_argument("--seed", type=int, default=0, help="question id i is sampled with seed + i (default 0)")
+    source.add_argument("--temperature", type=float, default=MODEL_CARD_SAMPLING["temperature"])
+    source.add_argument("--top-k", type=int, default=MODEL_CARD_SAMPLING["top_k"])
+    source.add_argument("--top-p", type=float, default=MODEL_CARD_SAMPLING["top_p"])
+    judging = parser.add_argument_group("judge")
+    judging.add_argument("--judge-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
+    judging.add_argument("--judge-model", help="the model name to send to the judge endpoint")
+    judging.add_argument("--api-key-env", help="environment variable holding the key (default OPENAI_API_KEY)")
+    judging.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    judging.add_argument("--judge-retries", type=int, default=5,
+                         help="retries of a failed request, with exponential back-off (default 5)")
+    judging.add_argument("--judge-attempts", type=int, default=3,
+                         help="replies asked for before a reply with no score counts as 0 (default 3)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", help="results JSONL (komt's format), appended to and resumed")
+    out.add_argument("--name", help="the run's name in the report (default: --output's file name)")
+    ppl = parser.add_argument_group("perplexity")
+    ppl.add_argument("--perplexity", metavar="FILE", help="text file, or instruction JSONL (answer tokens only)")
+    ppl.add_argument("--max-length", type=int,
+                     help=f"tokens per sequence (default: the model's context, at most {DEFAULT_PPL_MAX_LEN})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.perplexity:
+            return run_perplexity(args, parser)
+        return run_evaluation(args, parser)
+    except KomtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; run the same command again to resume from {args.output}", file=sys.stderr)
+        return 130
+
+
+def run_evaluation(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.output:
+        parser.error("--output is required (except with --perplexity)")
+    output = Path(args.output)
+    questions = load_questions(args.questions)
+    pending = [q for q in questions if q.id not in read_results(output, questions)]
+    judge = answer = None
+    if pending:
+        if bool(args.model) == bool(args.answers):
+            parser.error(f"{len(pending)} questions are not scored yet: give --model or --answers (one of them)")
+        if not args.judge_url or not args.judge_model:
+            parser.error(f"{len(pending)} questions are not scored yet: --judge-url and --judge-model are required")
+        if args.answers:
+            answers = read_answers(args.answers, questions)
+            missing = [q.id for q in pending if q.id not in answers]
+            if missing:
+                raise DataError(f"{args.answers}: no answer for question id(s) {', '.join(map(str, missing))}")
+            answer = file_answerer(answers, args.answers)
+        else:
+            device = args.device or _default_device()
+            answerer = load_model_answerer(
+                args.model, args.adapter, args.tokenizer, device, args.dtype, max_new_tokens=args.max_new_tokens,
+                seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            )
+            answer = cached_answerer(answerer, output.with_suffix(".answers.jsonl"), questions)
+        judge = Judge(args.judge_url, args.judge_model, api_key=_api_key(args.api_key_env),
+                      timeout_s=args.judge_timeout, retries=args.judge_retries)
+    records, unparsed = evaluate(questions, output, answer, judge, attempts=args.judge_attempts)
+    row = row_from_records(args.name or output.stem, records)
+    print(report(row, unparsed, compare=args.questions is None))
+    return 0
+
+
+def _api_key(env_name: str | None) -> str | None:
+    """The judge key: from --api-key-env's variable (which must be set), else OPENAI_API_KEY if set."""
+    if env_name:
+        key = os.environ.get(env_name)
+        if not key:
+            raise JudgeError(f"--api-key-env {env_name}: the environment variable {env_name} is not set")
+        return key
+    key = os.environ.get("OPENAI_API_KEY")
+    if not key:
+        print("note: OPENAI_API_KEY is not set; the judge requests carry no key", file=sys.stderr)
+    return key
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_perplexity(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.model:
+        parser.error("--perplexity needs --model")
+    import komt
+    from komt.eval.perplexity import file_examples, perplexity
+
+    model = komt.load_model(args.model, device=args.device or _default_device(), dtype=args.dtype,
+                            adapter=args.adapter)
+    tokenizer = komt.load_tokenizer(args.tokenizer or getattr(model, "source_path", args.model))
+    max_len = args.max_length or min(model.config.max_position_embeddings, DEFAULT_PPL_MAX_LEN)
+    result = perplexity(model, file_examples(tokenizer, args.perplexity, max_len), max_len)
+    note = f", {result.truncated} cut to {max_len} tokens" if result.truncated else ""
+    print(f"perplexity {result.value:.4f} (mean NLL {result.mean_nll:.4f} nats over {result.tokens} tokens, "
+          f"{result.sequences} sequences{note})")
+    return 0

@@ -1,0 +1,501 @@
+"""Build Korean multi-task instruction data (FLAN style) from supervised datasets.
+
+komt's paper makes its Korean instruction data from supervised datasets of many tasks instead of
+translating English instructions; this module turns such datasets into the trainer's JSONL,
+one {"instruction": ..., "output": ...} object per line, each example phrased with one of several
+Korean templates (komt/train/templates.py) chosen at random under the seed.
+
+    python -m komt.train.multitask \\
+        --task qa:KorQuAD_v1.0_train.json \\
+        --task cls:ratings_train.txt:format=tsv,text=document,labels=sentiment.json,weight=0.5 \\
+        --task nli:kornli.jsonl \\
+        --task sum:news.jsonl:document=article,weight=2 \\
+        --task mt:ko_en.jsonl:src=ko,tgt=en \\
+        --output mixed.jsonl --seed 0
+
+Each --task is KIND:PATH[:OPTIONS], OPTIONS a comma-separated list of key=value.
+  qa   SQuAD / KorQuAD 1.0 JSON: context + question -> the first answer's text (SQuAD 2.0
+       unanswerable questions are skipped). Also JSONL with context, question and answer columns;
+       the answer may be a string or Hugging Face style {"text": [...]} (answer=answers).
+  cls  CSV, TSV or JSONL with text and label columns; labels=FILE.json maps every label to a Korean
+       name ({"0": "부정", "1": "긍정"}) and is required; the names are the choices in the instruction.
+  nli  premise, hypothesis, label -> 참 / 중립 / 거짓 (entailment / neutral / contradiction, or 0 / 1 / 2);
+       labels=FILE.json overrides the names.
+  sum  document -> summary.
+  mt   source -> target, with src= and tgt= language codes (ko, en, ja, zh, ...) or Korean names.
+Options, any kind:
+  COLUMN=NAME   the input's name for a column this kind reads (text=document, label=polarity, ...).
+  weight=W      each source example is emitted floor(W) times plus once more with probability
+                W - floor(W): 0.5 keeps a random half, 2 emits every example twice (different templates).
+  labels=FILE   JSON object label -> name; a null name skips examples with that label (SNLI's "-").
+  templates=FILE  JSON list of your own templates for this task ({text}, {options}, ... as in templates.py).
+  format=F      jsonl, csv, tsv or squad when the extension (.jsonl .csv .tsv .json) does not say.
+
+Design choices:
+- Streaming. JSONL, CSV and TSV are read one record at a time. A SQuAD file is a single JSON document,
+  so it is loaded whole (KorQuAD 1.0 train is 38 MB); split bigger ones or convert them to JSONL.
+- Sampling by rate, not by reservoir. A weight is a per-example rate: it needs no count of the input in
+  advance and holds nothing in memory, and the expected mix is weight x dataset size per task (the
+  "mixing rates" of FLAN / T5). A reservoir would hold its whole sample in memory.
+- Exact duplicates (same kind, fields and answer, in any task) are dropped before sampling. The seen-set
+  keeps a 64-bit hash per unique example (~60 bytes each, ~600 MB per 10 M examples); the chance of a
+  false duplicate among 10 M examples is about 3e-6.
+- External shuffle in bounded memory: every output line goes to one of 16 bucket files chosen at random;
+  each bucket is then shuffled in memory and appended to the output, and a bucket bigger than
+  --shuffle-mb is split again the same way. Random buckets plus a uniform shuffle inside each bucket give
+  a uniform permutation, and memory holds one bucket at a time.
+- Deterministic: each task draws from its own random stream seeded by --seed and the task's spec, the
+  shuffle from another, so adding a task leaves the other tasks' templates and samples unchanged.
+- Atomic: all files are written under a temporary folder beside the output and moved into place with
+  os.replace; a malformed record (komt.errors.DataError naming the file and line) leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import string
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from komt.errors import DataError, KomtError
+from komt.train import templates as tpl
+
+# Kind -> the columns it reads, by role; an option ROLE=NAME renames one.
+COLUMNS = {
+    "qa": ("context", "question", "answer"),
+    "cls": ("text", "label"),
+    "nli": ("premise", "hypothesis", "label"),
+    "sum": ("document", "summary"),
+    "mt": ("source", "target"),
+}
+FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".json": "squad"}
+SHUFFLE_FANOUT = 16
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One --task: what to read, how to name its labels, and how often to sample it."""
+
+    text: str  # the spec as given, for messages and the task's random seed
+    kind: str
+    path: Path
+    format: str
+    columns: dict[str, str]
+    weight: float = 1.0
+    labels: dict[str, str | None] | None = None
+    labels_source: str = ""
+    templates: tuple[str, ...] = ()
+    src_lang: str = "한국어"
+    tgt_lang: str = "영어"
+
+    @property
+    def options(self) -> str:
+        """The label names offered as choices, in the label map's order: "부정, 긍정"."""
+        names = [n for n in (self.labels or {}).values() if n is not None]
+        return ", ".join(dict.fromkeys(names))
+
+
+def parse_task_spec(text: str) -> TaskSpec:
+    """Parse KIND:PATH[:key=value,...] and load its label map and templates (validated here, once)."""
+    kind, _, rest = text.partition(":")
+    if kind not in COLUMNS or not rest:
+        raise DataError(f"--task {text!r}: expected KIND:PATH[:OPTIONS] with KIND one of {', '.join(COLUMNS)}")
+    path_text, options = rest, {}
+    head, sep, tail = rest.rpartition(":")
+    if sep and "=" in tail:  # a path may itself contain ':'; options always contain '='
+        path_text = head
+        for item in tail.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key or not value:
+                raise DataError(f"--task {text!r}: option {item!r} is not key=value")
+            options[key.strip()] = value.strip()
+    path = Path(path_text)
+    if not path.is_file():
+        raise DataError(f"--task {text!r}: no such file {path}")
+
+    columns = {role: options.pop(role, role) for role in COLUMNS[kind]}
+    fmt = options.pop("format", FORMATS.get(path.suffix.lower()))
+    if fmt not in ("jsonl", "csv", "tsv", "squad") or (fmt == "squad" and kind != "qa"):
+        raise DataError(f"--task {text!r}: cannot tell the format of {path}; add format=jsonl, csv or tsv")
+    try:
+        weight = float(options.pop("weight", "1"))
+    except ValueError:
+        weight = -1.0
+    if not (weight >= 0 and math.isfinite(weight)):
+        raise DataError(f"--task {text!r}: weight must be a number >= 0")
+
+    labels, labels_source = None, ""
+    if "labels" in options:
+        labels_source = options.pop("labels")
+        labels = _load_label_map(labels_source)
+    elif kind == "nli":
+        labels, labels_source = dict(tpl.NLI_LABELS), "the default NLI label names"
+    elif kind == "cls":
+        raise DataError(f"--task {text!r}: classification needs labels=FILE.json mapping labels to names")
+    if kind in ("qa", "sum", "mt") and labels is not None:
+        raise DataError(f"--task {text!r}: labels= applies to cls and nli only")
+
+    templates = tuple(tpl.TEMPLATES[kind])
+    if "templates" in options:
+        templates = _load_templates(options.pop("templates"), kind)
+    src = tpl.language_name(options.pop("src", "ko"))
+    tgt = tpl.language_name(options.pop("tgt", "en"))
+    if options:
+        raise DataError(f"--task {text!r}: unknown option(s) {', '.join(options)} for {kind}")
+    return TaskSpec(text, kind, path, fmt, columns, weight, labels, labels_source, templates, src, tgt)
+
+
+def _load_json_file(path_text: str, what: str):
+    try:
+        with open(path_text, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise DataError(f"{what} {path_text}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{what} {path_text}:{getattr(e, 'lineno', 1)}: not valid JSON ({e})") from None
+
+
+def _load_label_map(path_text: str) -> dict[str, str | None]:
+    raw = _load_json_file(path_text, "label map")
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"label map {path_text}: expected a JSON object such as {{\"0\": \"부정\", \"1\": \"긍정\"}}")
+    for key, name in raw.items():
+        if name is not None and not (isinstance(name, str) and name.strip()):
+            raise DataError(f"label map {path_text}: the name of label {key!r} must be text or null")
+    return dict(raw)
+
+
+def _load_templates(path_text: str, kind: str) -> tuple[str, ...]:
+    raw = _load_json_file(path_text, "templates")
+    if not isinstance(raw, list) or not raw or not all(isinstance(t, str) for t in raw):
+        raise DataError(f"templates {path_text}: expected a non-empty JSON list of strings")
+    for i, template in enumerate(raw):
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as e:
+            raise DataError(f"templates {path_text}: template {i} is not a format string ({e})") from None
+        unknown = names - tpl.FIELDS[kind]
+        if unknown:
+            raise DataError(
+                f"templates {path_text}: template {i} uses {{{min(unknown)}}}; "
+                f"{kind} templates may use {', '.join('{' + n + '}' for n in sorted(tpl.FIELDS[kind]))}"
+            )
+    return tuple(raw)
+
+
+# ---- reading: (where, record) pairs, `where` being "file:line" for messages ----
+
+
+def read_records(spec: TaskSpec) -> Iterator[tuple[str, dict]]:
+    """Stream the records of one input file."""
+    if spec.format == "squad":
+        return _read_squad(spec.path)
+    if spec.format == "jsonl":
+        return _read_jsonl(spec.path)
+    return _read_csv(spec.path, "\t" if spec.format == "tsv" else ",")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    line_no = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                yield f"{path}:{line_no}", record
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{line_no + 1}: not UTF-8 text") from None
+
+
+def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    # TSV dumps (NSMC, KorNLI) carry bare quotes inside the text, so TSV is read with no quoting.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = None
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: CSVs saved by Excel start with a BOM
+            reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+            if reader.fieldnames is None:
+                raise DataError(f"{path}:1: empty file, expected a header row naming the columns")
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{(reader.line_num if reader else 0) + 1}: not UTF-8 text") from None
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num if reader else 1}: malformed CSV ({e})") from None
+
+
+def _read_squad(path: Path) -> Iterator[tuple[str, dict]]:
+    """SQuAD / KorQuAD 1.0: {"data": [{"paragraphs": [{"context", "qas": [{"question", "answers"}]}]}]}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)  # one JSON document: loaded whole (see the module docstring)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    articles = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(articles, list):
+        raise DataError(f"{path}: not SQuAD JSON (expected a top-level \"data\" list)")
+    for i, article in enumerate(articles):
+        for j, paragraph in enumerate(_squad_list(article, "paragraphs", f"{path}: data[{i}]")):
+            where = f"{path}: data[{i}].paragraphs[{j}]"
+            context = paragraph.get("context")
+            for k, qa in enumerate(_squad_list(paragraph, "qas", where)):
+                qa_where = f"{where}.qas[{k}]" + (f" (id {qa['id']})" if isinstance(qa, dict) and "id" in qa else "")
+                if not isinstance(qa, dict):
+                    raise DataError(f"{qa_where}: expected an object")
+                answers = qa.get("answers")
+                if qa.get("is_impossible"):  # SQuAD 2.0: no answer in the context; skipped
+                    answers = []
+                elif not isinstance(answers, list) or not answers:
+                    raise DataError(f"{qa_where}: missing \"answers\"")
+                yield qa_where, {"context": context, "question": qa.get("question"), "answer": answers}
+
+
+def _squad_list(parent, key: str, where: str) -> list:
+    value = parent.get(key) if isinstance(parent, dict) else None
+    if not isinstance(value, list):
+        raise DataError(f"{where}: missing \"{key}\" list")
+    return value
+
+
+# ---- converting: record -> (template fields, output), or None to skip ----
+
+
+def convert(spec: TaskSpec, where: str, record: dict) -> tuple[dict[str, str], str] | None:
+    """The template fields and the answer of one record; None for an example to skip."""
+    text = lambda role: _text(spec, where, record, role)
+    if spec.kind == "qa":
+        answer = _answer(where, _column(spec, where, record, "answer"))
+        if answer is None:
+            return None
+        return {"context": text("context"), "question": text("question")}, answer
+    if spec.kind in ("cls", "nli"):
+        name = _label_name(spec, where, _column(spec, where, record, "label"))
+        if name is None:
+            return None
+        if spec.kind == "cls":
+            return {"text": text("text"), "options": spec.options}, name
+        return {"premise": text("premise"), "hypothesis": text("hypothesis"), "options": spec.options}, name
+    if spec.kind == "sum":
+        return {"document": text("document")}, text("summary")
+    fields = {"source": text("source"), "src_lang": spec.src_lang, "tgt_lang": spec.tgt_lang}
+    fields["tgt_lang_ro"] = tpl.with_ro(spec.tgt_lang)
+    return fields, text("target")
+
+
+def _column(spec: TaskSpec, where: str, record: dict, role: str):
+    column = spec.columns[role]
+    value = record.get(column)
+    if value is None:  # absent key, JSON null, or a CSV row with too few fields
+        raise DataError(f"{where}: missing column {column!r} (the record has: {', '.join(map(str, record))})")
+    return value
+
+
+def _text(spec: TaskSpec, where: str, record: dict, role: str) -> str:
+    value = _column(spec, where, record, role)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: column {spec.columns[role]!r} must be non-empty text, got {value!r:.40}")
+    return value.strip()
+
+
+def _answer(where: str, value) -> str | None:
+    """First answer text of a string, [str], [{"text"}] (SQuAD) or {"text": [...]} (Hugging Face)."""
+    if isinstance(value, dict):
+        value = value.get("text")
+    if isinstance(value, list):
+        if not value:
+            return None  # Hugging Face squad_v2: unanswerable
+        value = value[0].get("text") if isinstance(value[0], dict) else value[0]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: the answer must be non-empty text, got {value!r:.40}")
+    return value.strip()
+
+
+def _label_name(spec: TaskSpec, where: str, value) -> str | None:
+    key = json.dumps(value) if isinstance(value, bool) else str(value).strip()
+    assert spec.labels is not None  # parse_task_spec gives cls and nli a label map
+    if key not in spec.labels:
+        known = ", ".join(map(repr, list(spec.labels)[:10]))
+        raise DataError(f"{where}: label {key!r} is not in {spec.labels_source} (known: {known})")
+    return spec.labels[key]
+
+
+# ---- mixing: weights, duplicates, templates, statistics ----
+
+
+@dataclass
+class Lengths:
+    """Running min / mean / max of lengths in characters (streaming: no list kept)."""
+
+    n: int = 0
+    total: int = 0
+    min: int = 0
+    max: int = 0
+
+    def add(self, length: int) -> None:
+        self.min = length if self.n == 0 else min(self.min, length)
+        self.max = max(self.max, length)
+        self.n += 1
+        self.total += length
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else 0.0
+
+
+@dataclass
+class TaskStats:
+    task: str
+    read: int = 0  # source records
+    skipped: int = 0  # unanswerable / null label
+    duplicates: int = 0
+    dropped: int = 0  # sampled out by a weight < 1
+    written: int = 0  # output examples, copies included
+    instruction: Lengths = field(default_factory=Lengths)
+    output: Lengths = field(default_factory=Lengths)
+
+
+def emit_task(spec: TaskSpec, rng: random.Random, seen: set[int], write) -> TaskStats:
+    """Convert, deduplicate, sample and render one task; `write(line)` receives each output line."""
+    stats = TaskStats(spec.text)
+    whole, fraction = int(spec.weight), spec.weight - int(spec.weight)
+    for where, record in read_records(spec):
+        stats.read += 1
+        example = convert(spec, where, record)
+        if example is None:
+            stats.skipped += 1
+            continue
+        fields, answer = example
+        key = json.dumps([spec.kind, fields, answer], ensure_ascii=False, sort_keys=True)
+        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+        if digest in seen:
+            stats.duplicates += 1
+            continue
+        seen.add(digest)
+        copies = whole + (rng.random() < fraction)
+        if copies == 0:
+            stats.dropped += 1
+            continue
+        # Copies of one example get distinct templates while there are enough of them.
+        n = len(spec.templates)
+        choices = rng.sample(range(n), min(copies, n)) + [rng.randrange(n) for _ in range(copies - n)]
+        for choice in choices:
+            instruction = spec.templates[choice].format(**fields)
+            write(json.dumps({"instruction": instruction, "output": answer}, ensure_ascii=False) + "\n")
+            stats.written += 1
+            stats.instruction.add(len(instruction))
+            stats.output.add(len(answer))
+    return stats
+
+
+def build(specs: list[TaskSpec], output: str | Path, seed: int = 0, shuffle_bytes: int = 256 << 20) -> list[TaskStats]:
+    """Mix `specs` into one shuffled JSONL at `output`, written atomically; returns per-task statistics."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    shuffle_rng = random.Random(f"{seed}/shuffle")
+    seen: set[int] = set()
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        buckets = [Path(tmp) / f"bucket{i}" for i in range(SHUFFLE_FANOUT)]
+        files = [open(p, "w", encoding="utf-8") for p in buckets]
+        try:
+            write = lambda line: files[shuffle_rng.randrange(SHUFFLE_FANOUT)].write(line)
+            stats = [emit_task(spec, random.Random(f"{seed}/{spec.text}"), seen, write) for spec in specs]
+        finally:
+            for f in files:
+                f.close()
+        partial = Path(tmp) / "output.jsonl"
+        with open(partial, "w", encoding="utf-8") as out:
+            for bucket in buckets:
+                _shuffle_bucket(bucket, out, shuffle_rng, shuffle_bytes, depth=0)
+        os.replace(partial, output)
+    return stats
+
+
+def _shuffle_bucket(bucket: Path, out: IO[str], rng: random.Random, budget: int, depth: int) -> None:
+    """Append `bucket`'s lines to `out` in uniformly random order, holding at most ~`budget` bytes."""
+    if bucket.stat().st_size <= budget or depth >= 4:  # depth 4: 16^5 buckets, i.e. a few huge lines
+        with open(bucket, encoding="utf-8") as f:
+            lines = f.readlines()
+        rng.shuffle(lines)
+        out.writelines(lines)
+        bucket.unlink()
+        return
+    parts = [bucket.with_name(f"{bucket.name}.{i}") for i in range(SHUFFLE_FANOUT)]
+    files = [open(p, "w", encoding="utf-8") for p in parts]
+    with open(bucket, encoding="utf-8") as f:
+        for line in f:
+            files[rng.randrange(SHUFFLE_FANOUT)].write(line)
+    for part_file in files:
+        part_file.close()
+    bucket.unlink()
+    for part in parts:
+        _shuffle_bucket(part, out, rng, budget, depth + 1)
+
+
+def format_stats(stats: list[TaskStats]) -> str:
+    """Per-task counts and lengths (characters) as an aligned text table, with a total row."""
+    total = TaskStats("total")
+    for s in stats:
+        for name in ("read", "skipped", "duplicates", "dropped", "written"):
+            setattr(total, name, getattr(total, name) + getattr(s, name))
+        for mine, theirs in ((total.instruction, s.instruction), (total.output, s.output)):
+            mine.n, mine.total, mine.max = mine.n + theirs.n, mine.total + theirs.total, max(mine.max, theirs.max)
+    rows = [("task", "read", "skipped", "dupes", "dropped", "written", "instr mean/max", "output mean/max")]
+    for s in stats + [total]:
+        counts = (s.read, s.skipped, s.duplicates, s.dropped, s.written)
+        lengths = (f"{s.instruction.mean:.0f}/{s.instruction.max}", f"{s.output.mean:.0f}/{s.output.max}")
+        rows.append((s.task, *map(str, counts), *lengths))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in rows
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    doc_head, _, doc_rest = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="python -m komt.train.multitask",
+        description=doc_head,
+        epilog=doc_rest.split("\nDesign choices:")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--task", action="append", required=True, metavar="KIND:PATH[:OPTIONS]",
+                        help="an input dataset (repeatable); see below")
+    parser.add_argument("--output", required=True, help="the mixed JSONL to write (atomically)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of templates, sampling and shuffle (default 0)")
+    parser.add_argument("--shuffle-mb", type=int, default=256,
+                        help="memory for the external shuffle, in MB (default 256)")
+    args = parser.parse_args(argv)
+    try:
+        specs = [parse_task_spec(text) for text in args.task]
+        stats = build(specs, args.output, seed=args.seed, shuffle_bytes=args.shuffle_mb << 20)
+    except KomtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable input, full disk, unwritable output folder
+        print(f"error: {e.filename or args.output}: {e.strerror}", file=sys.stderr)
+        return 2
+    print(format_stats(stats))
+    print(f"wrote {sum(s.written for s in stats)} examples to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
