@@ -1,0 +1,77 @@
+"""komt's Triton kernels, their plain-PyTorch references, and a benchmark (`python -m kernels.bench`).
+
+This package knows nothing of komt and imports triton only inside the functions that launch a kernel,
+so `import kernels` (and `kernels.reference`) works where triton is not installed.
+
+    kernels.rms_norm(x, weight, eps)                   fused RMSNorm, forward + backward
+    kernels.attention(q, k, v, *, causal, window, scale, q_pos, k_pos)
+                                                       FlashAttention-2 prefill / flash-decoding (T == 1)
+    kernels.reference                                  the same math in PyTorch (+ attention_mask)
+    kernels.triton_available()                         can the kernels run on CUDA tensors here?
+
+The kernels take CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, as the tests do) and raise
+ValueError for anything else; choose `kernels.reference` yourself on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from kernels.reference import attention_mask, attention_reference, rms_norm_reference
+
+__all__ = [
+    "attention",
+    "attention_mask",
+    "attention_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "triton_available",
+]
+
+
+def triton_available() -> bool:
+    """True when the triton package is installed and PyTorch sees a CUDA GPU to run the kernels on.
+
+    (The kernels also run on CPU tensors under TRITON_INTERPRET=1, Triton's slow test interpreter; this
+    function does not count that.)
+    """
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Fused RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), in x's dtype.
+
+    x [..., D] fp32/bf16/fp16, weight [D]. Statistics in fp32; the normalised x is rounded to x's dtype
+    before the multiply by weight (Hugging Face's LlamaRMSNorm), and the product rounded to x's dtype.
+    Differentiable in x and weight (Triton backward). Reference: `kernels.reference.rms_norm_reference`.
+    """
+    from kernels.fused_rms_norm import rms_norm_triton
+
+    return rms_norm_triton(x, weight, eps)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Grouped-query attention: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D] in q's dtype.
+
+    Without positions the queries are the last T of the S key positions (query t at S - T + t): prefill,
+    prefill on a cache, and decode. With q_pos [B, T] and k_pos [B, S] (integer; k_pos < 0 = empty slot)
+    positions are explicit. Key j is visible to query i iff j >= 0, j <= i (causal) and j > i - window.
+    scale defaults to D ** -0.5; a row with no visible key returns zeros. T == 1 uses flash-decoding.
+    Head dims: powers of two 16..256. Differentiable (backward recomputes with the reference; see
+    `kernels.attention_api`). Reference: `kernels.reference.attention_reference`.
+    """
+    from kernels.attention_api import attention_triton
+
+    return attention_triton(q, k, v, causal=causal, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos)
