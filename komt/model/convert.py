@@ -17,12 +17,13 @@ from typing import Callable
 
 from komt.errors import CheckpointError
 from komt.model.checkpoint import ShardReader, find_weight_shards
-from komt.model.safetensors_file import write_safetensors
+from komt.model.safetensors_file import current_umask, write_safetensors
 
 
 def write_json_atomic(path: Path, data: object) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, ensure_ascii=False)
             f.write("\n")

@@ -134,6 +134,7 @@ def write_safetensors(
     header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned, as the spec advises
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(header_bytes)))
             f.write(header_bytes)
@@ -146,6 +147,12 @@ def write_safetensors(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
