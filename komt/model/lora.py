@@ -1,0 +1,359 @@
+"""LoRA (Hu et al. 2021): a frozen linear layer plus a trainable low-rank update, and PEFT adapter files.
+
+    y = x W^T + (alpha / r) * B(A(dropout(x)))        W [out, in] frozen, A [r, in], B [out, r]
+
+A starts Kaiming-uniform and B at zero, so a fresh adapter leaves the model unchanged. `LoRALinear`
+keeps the frozen weight under nn.Linear's own name `weight` (torchtune's choice), so a base checkpoint
+loads into a LoRA model unchanged and nothing else in the model knows LoRA exists: `inject_lora` swaps
+the layers in by module name, `merge_lora` folds them back into plain nn.Linear.
+
+On disk an adapter is a Hugging Face PEFT folder, so it works with the rest of the ecosystem:
+
+    adapter_config.json          {"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...}
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight [r, in], ...lora_B.weight [out, r]
+    (adapter_model.bin           what older PEFT wrote; keys may carry the adapter name: lora_A.default.weight)
+
+Loading is driven by the tensors in the file, not by `target_modules`: every tensor must land on a linear
+layer of the right shape, or it is a `CheckpointError` naming it. PEFT features that change the math
+(DoRA, per-module rank patterns, biases, ...) are refused by name rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from komt.errors import CheckpointError, ConfigError
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."  # PEFT's PeftModel -> LoraModel -> the Hugging Face model
+
+# adapter_config.json keys whose truthy values change the math in ways komt does not implement.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "rank_pattern": "per-module ranks (rank_pattern)",
+    "alpha_pattern": "per-module alphas (alpha_pattern)",
+    "modules_to_save": "fully trained extra modules (modules_to_save)",
+    "fan_in_fan_out": "transposed (Conv1D) weights (fan_in_fan_out)",
+    "lora_bias": "LoRA biases (lora_bias)",
+    "trainable_token_indices": "trained token embeddings (trainable_token_indices)",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+    "layer_replication": "layer replication",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+}
+# PEFT key of one LoRA matrix, with or without the PEFT prefix and the adapter name older PEFT kept.
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """The adapter's hyper-parameters; the defaults are the komt recipe (r 8, alpha 32, all 7 projections)."""
+
+    r: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    use_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not all(isinstance(t, str) and t for t in self.targets):
+            raise ConfigError(f"LoRA targets must be module names, got {self.targets!r}")
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.r, self.use_rslora)
+
+    def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict:
+        """adapter_config.json as PEFT writes it (the fields PEFT reads; the rest take PEFT's defaults)."""
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+            "r": self.r, "lora_alpha": int(self.alpha) if float(self.alpha).is_integer() else self.alpha,
+            "lora_dropout": self.dropout, "target_modules": list(self.targets), "bias": "none", "use_rslora": self.use_rslora,
+            "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "rank_pattern": {},
+            "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True, "revision": None,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, raw: dict, source: str = ADAPTER_CONFIG) -> "LoRAConfig":
+        """Read a PEFT adapter_config.json, refusing by name the features komt does not implement."""
+        if raw.get("peft_type", "LORA") != "LORA":
+            raise ConfigError(f"{source}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
+        for key, what in _UNSUPPORTED.items():
+            if raw.get(key):
+                raise ConfigError(f"{source}: {what} is not supported ({key}={raw[key]!r})")
+        if raw.get("bias", "none") != "none":
+            raise ConfigError(f"{source}: bias {raw['bias']!r} is not supported (only 'none')")
+        targets = raw.get("target_modules") or ()
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)  # a str is a regex in PEFT
+        try:
+            return cls(r=raw.get("r", 8), alpha=float(raw.get("lora_alpha", 8)),
+                       dropout=float(raw.get("lora_dropout", 0.0)), targets=targets,
+                       use_rslora=bool(raw.get("use_rslora", False)))
+        except (TypeError, ValueError, ConfigError) as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoRALinear(nn.Module):
+    """A frozen `weight` [out, in] (nn.Linear's name) plus the low-rank update scale * B A.
+
+    The LoRA matrices may have their own dtype (fp32 for training a bf16 base: AdamW's updates are far
+    below bf16's resolution); the update is computed in it (or in autocast's dtype, under autocast) and
+    added in the base output's dtype.
+    """
+
+    def __init__(self, weight: nn.Parameter, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, lora_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.r, self.alpha = r, alpha
+        self.scale = lora_scale(alpha, r, use_rslora)
+        factory = {"device": weight.device, "dtype": lora_dtype or weight.dtype}
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A as nn.Linear initialises itself (PEFT does the same), B zero: the update starts at exactly 0."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        if self.merged:
+            return out
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their own dtype
+            x = x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(self.dropout(x)))
+        return out + (update * self.scale).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A in fp32: [out, r] @ [r, in] -> [out, in]."""
+        return self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into `weight` (rounded once, from fp32) so inference costs one matmul."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of `weight` (exact in fp32; in bf16 each round trip rounds once more)."""
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def adapter_params(self) -> list[nn.Parameter]:
+        return [self.lora_A.weight, self.lora_B.weight]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+def matches_target(name: str, targets: tuple[str, ...]) -> bool:
+    """PEFT's rule for a list of targets: the module name is a target or ends with "." + a target."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype | None = None) -> list[str]:
+    """Swap every nn.Linear whose name matches a target for a LoRALinear; freeze everything but LoRA.
+
+    Returns the swapped module names. A target that matches no linear layer is a ConfigError (a typo
+    would otherwise train nothing), and so is a target whose weight is tied to another module.
+    """
+    if not config.targets:
+        raise ConfigError("LoRA needs at least one target module (e.g. q_proj)")
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches_target(n, config.targets)]
+    for target in config.targets:
+        if not any(matches_target(n, (target,)) for n in names):
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ConfigError(f"LoRA target {target!r} matches no linear layer; known: {', '.join(linear)}")
+    tied = _tied_parameter_ids(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        linear = model.get_submodule(name)
+        if linear.bias is not None:
+            raise ConfigError(f"cannot put LoRA on {name}: it has a bias, which komt's LoRALinear does not keep")
+        if id(linear.weight) in tied:
+            raise ConfigError(f"cannot put LoRA on {name}: its weight is tied to another module")
+        layer = LoRALinear(linear.weight, config.r, config.alpha, config.dropout, config.use_rslora, lora_dtype)
+        layer.train(linear.training)  # a model in eval mode stays in eval mode (no dropout)
+        _replace_module(model, name, layer)
+    return names
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under komt's (= Hugging Face) module names: `<module>.lora_A.weight`, ..."""
+    state = {}
+    for name, module in lora_modules(model):
+        state[f"{name}.lora_A.weight"] = module.lora_A.weight
+        state[f"{name}.lora_B.weight"] = module.lora_B.weight
+    return state
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, tied weights counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRALinear and put a plain nn.Linear back in its place (PEFT's merge_and_unload)."""
+    for name, module in lora_modules(model):
+        module.merge()
+        linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        linear.weight = module.weight
+        _replace_module(model, name, linear)
+    return model
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, config: LoRAConfig,
+                 base_model_name_or_path: str | None = None) -> None:
+    """Write `folder`/adapter_config.json and adapter_model.safetensors in PEFT's layout, each atomically."""
+    from komt.model.safetensors_file import write_safetensors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = lora_state_dict(model)
+    if not state:
+        raise ConfigError("the model has no LoRA layers to save")
+    write_safetensors(folder / ADAPTER_WEIGHTS, [(PEFT_PREFIX + k, v.detach()) for k, v in state.items()])
+    write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config.to_peft_dict(base_model_name_or_path), indent=2) + "\n")
+
+
+def read_adapter_config(folder: str | os.PathLike) -> LoRAConfig:
+    path = Path(folder) / ADAPTER_CONFIG
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (is {folder} a PEFT LoRA adapter folder?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable adapter config: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return LoRAConfig.from_peft_dict(raw, source=str(path))
+
+
+def read_adapter_weights(folder: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(file, {key: tensor}) of adapter_model.safetensors, else of the older adapter_model.bin."""
+    from komt.model.checkpoint import ShardReader
+
+    folder = Path(folder)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN):
+        if (folder / name).exists():
+            reader = ShardReader(folder / name)
+            return folder / name, {key: reader.tensor(key) for key in reader.names()}
+    raise CheckpointError(f"{folder}: no adapter weights ({ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN})")
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> LoRAConfig:
+    """Apply a PEFT LoRA adapter folder (written by komt or PEFT) to a loaded model, for inference.
+
+    Every tensor must name a linear layer of the model and fit its shape; each layer needs both A and B.
+    LoRA weights take the base weight's device and dtype and, like the base, do not require grad.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: adapter is not a folder")
+    config = read_adapter_config(folder)
+    path, tensors = read_adapter_weights(folder)
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise CheckpointError(f"{path}: tensor {key!r} is not a LoRA A/B matrix of a linear layer")
+        pairs.setdefault(match["module"], {})[match["which"]] = (key, tensor)
+    if not pairs:
+        raise CheckpointError(f"{path}: holds no LoRA tensors")
+    for module_name, pair in pairs.items():
+        key = next(iter(pair.values()))[0]
+        try:
+            linear = model.get_submodule(module_name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: tensor {key!r} matches no module of the model") from None
+        if isinstance(linear, LoRALinear):
+            raise CheckpointError(f"{path}: module {module_name!r} already has a LoRA adapter")
+        if not isinstance(linear, nn.Linear) or linear.bias is not None:
+            raise CheckpointError(f"{path}: tensor {key!r} targets {module_name!r}, which is not a bias-free linear layer")
+        if set(pair) != {"A", "B"}:
+            missing = ({"A", "B"} - set(pair)).pop()
+            raise CheckpointError(f"{path}: {module_name!r} has no lora_{missing} tensor")
+        (key_a, a), (key_b, b) = pair["A"], pair["B"]
+        r = config.r
+        for key_x, x, want in ((key_a, a, (r, linear.in_features)), (key_b, b, (linear.out_features, r))):
+            if tuple(x.shape) != want:
+                raise CheckpointError(f"{path}: tensor {key_x!r} has shape {tuple(x.shape)}, expected {want} (r={r})")
+        layer = LoRALinear(linear.weight, r, config.alpha, config.dropout, config.use_rslora)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+        for param in layer.adapter_params():
+            param.requires_grad_(False)
+        layer.train(linear.training)
+        _replace_module(model, module_name, layer)
+    return config
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, then rename: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give it a normal file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def _tied_parameter_ids(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        seen[id(param)] = seen.get(id(param), 0) + 1
+    return {pid for pid, n in seen.items() if n > 1}

@@ -1,0 +1,165 @@
+"""`python -m komt.train`: train a LoRA adapter, or `python -m komt.train merge` to fold one into its base.
+
+Each flag maps onto one `TrainConfig` field; values are checked as they are parsed, so a bad one is a
+one-line `error: ...` and exit status 2 before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from komt.errors import KomtError
+from komt.model.lora import DEFAULT_TARGETS
+from komt.train.config import DTYPE_CHOICES, TrainConfig
+
+EPILOG = """\
+examples:
+  python -m komt.train --model davidkim205/komt-mistral-7b-v1 --data data.jsonl --output runs/a --epochs 1
+  torchrun --nproc-per-node 4 -m komt.train --model M --data data.jsonl --output runs/a --max-steps 1000
+  python -m komt.train --model M --data data.jsonl --output runs/a --max-steps 1000 --resume
+  python -m komt.train merge --model M --adapter runs/a --output merged/
+
+data: a JSON list or JSON lines of {"instruction", "output"[, "input"]} or {"messages": [{"role", "content"}]}.
+output: adapter_config.json + adapter_model.safetensors (a PEFT LoRA adapter), metrics.jsonl,
+checkpoint-<step>/ every --save-every steps, loss_curve.png (with matplotlib)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is raised (and printed by `main` as one line) instead of exiting."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+class UsageError(Exception):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _number(low: float, high: float = float("inf"), low_open: bool = True, high_open: bool = True):
+    """A float parser for (low, high) (or closed ends), e.g. dropout in [0, 1)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"must be a number in {lo}{low:g}, {high:g}{hi}, got {text!r}")
+        return value
+    return parse
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(model="", data="", output="")  # the defaults, shown in --help
+    p = _Parser(prog="python -m komt.train", description="Fine-tune a Mistral/Llama model with LoRA.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="base checkpoint folder or Hugging Face hub id")
+    p.add_argument("--data", required=True, help="training data: .json (a list) or .jsonl")
+    p.add_argument("--output", required=True, help="folder for the adapter, checkpoints and metrics")
+    p.add_argument("--tokenizer", help="tokenizer.model file or folder (default: the model folder's)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=_positive_int, help="optimizer steps to run")
+    length.add_argument("--epochs", type=_number(0), help="passes over the data (default: 1)")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"examples per micro-batch per process (default: {d.batch_size})")
+    p.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
+                   help="micro-batches per optimizer step; global batch = batch-size x grad-accum x processes "
+                        f"(default: {d.grad_accum})")
+    p.add_argument("--lr", type=_number(0), default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=d.warmup_steps,
+                   help=f"linear warm-up steps before the cosine decay (default: {d.warmup_steps})")
+    p.add_argument("--weight-decay", type=_number(0, low_open=False), default=d.weight_decay,
+                   help=f"AdamW weight decay (default: {d.weight_decay:g})")
+    p.add_argument("--max-grad-norm", type=_number(0, low_open=False), default=d.max_grad_norm,
+                   help=f"gradient clipping norm, 0 = off (default: {d.max_grad_norm:g})")
+    p.add_argument("--lora-r", type=_positive_int, default=d.lora_r, help=f"LoRA rank (default: {d.lora_r})")
+    p.add_argument("--lora-alpha", type=_number(0), default=d.lora_alpha,
+                   help=f"LoRA alpha; the update is scaled by alpha / r (default: {d.lora_alpha:g})")
+    p.add_argument("--lora-dropout", type=_number(0, 1, low_open=False), default=d.lora_dropout,
+                   help=f"dropout on the LoRA path (default: {d.lora_dropout:g})")
+    p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME",
+                   help=f"linear layers to adapt, by name suffix (default: {' '.join(DEFAULT_TARGETS)})")
+    p.add_argument("--max-seq-len", type=_positive_int, default=d.max_seq_len,
+                   help=f"truncate examples to this many tokens (default: {d.max_seq_len})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed for LoRA init, data order, dropout (default: {d.seed})")
+    p.add_argument("--save-every", type=_positive_int, default=d.save_every,
+                   help=f"write a resumable checkpoint every K steps (default: {d.save_every})")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--eval-split", type=_number(0, 1, low_open=False), default=d.eval_split,
+                   help="fraction of the examples held out to report an eval loss (default: 0, none)")
+    p.add_argument("--eval-every", type=_positive_int,
+                   help="eval loss every K steps and at the end (default: --save-every)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory, ~30%% more compute")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype,
+                   help="base weights: auto = bf16 with bf16 autocast on CUDA, fp32 on the CPU (default: auto)")
+    return p
+
+
+def build_merge_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m komt.train merge",
+                description="Merge a LoRA adapter into its base model and write a full checkpoint folder.")
+    p.add_argument("--model", required=True, help="base checkpoint folder or Hugging Face hub id")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder (komt's or PEFT's)")
+    p.add_argument("--output", required=True, help="new folder for the merged checkpoint (must not exist)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="dtype of the merged weights (default: the base's)")
+    p.add_argument("--max-shard-size", type=_positive_int, default=5 * 1024**3, metavar="BYTES",
+                   help="split weights into safetensors shards of at most this size (default: 5 GiB)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model=args.model, data=args.data, output=args.output, tokenizer=args.tokenizer,
+        max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, lora_targets=tuple(args.lora_targets), max_seq_len=args.max_seq_len,
+        seed=args.seed, save_every=args.save_every, eval_split=args.eval_split, eval_every=args.eval_every,
+        grad_checkpointing=args.grad_checkpointing, resume=args.resume, device=args.device, dtype=args.dtype,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["merge"]:
+            from komt.train.merge import merge_adapter
+
+            args = build_merge_parser().parse_args(argv[1:])
+            merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+        else:
+            from komt.train.trainer import train
+
+            train(config_from_args(build_train_parser().parse_args(argv)))
+    except (KomtError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (resume with --resume from the last checkpoint)", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,149 @@
+"""Training data: a JSON or JSONL file of records -> (ids, labels) examples in the Mistral prompt format.
+
+Two record shapes, mixed freely in one file:
+
+    {"instruction": "...", "output": "...", "input": "..."}   input optional, appended Alpaca-style
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
+
+An instruction record becomes BOS + `[INST]{instruction} [/INST]` + output + EOS
+(`komt.generate.prompt.format_training_example`), a conversation Mistral's v1 chat format with labels on
+every assistant turn. Labels are -100 on the prompt and include the EOS, so the model learns to stop.
+Examples are truncated to `max_seq_len` tokens; one whose target falls entirely past the cut teaches
+nothing and is dropped (and counted). Any malformed record is a `DataError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from komt.errors import DataError
+from komt.generate.prompt import IGNORE_INDEX, format_chat_training_example, format_training_example
+from komt.generate.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training example; `labels[i]` is the target of position i (or IGNORE_INDEX)."""
+
+    ids: list[int]
+    labels: list[int]
+    where: str  # "file:line", for messages about this example
+
+    @property
+    def n_targets(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+@dataclass
+class Dataset:
+    examples: list[Example]
+    n_records: int
+    n_dropped: int  # examples whose whole target lay past max_seq_len
+
+
+def read_records(path: str | Path) -> list[tuple[int, Any]]:
+    """[(line number, parsed record)] from a JSON list or a JSONL file (told apart by the first character)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: files saved by Windows editors start with a BOM
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such data file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a .json or .jsonl data file") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
+    records = _read_json_list(text, path) if text.lstrip().startswith("[") else _read_jsonl(text, path)
+    if not records:
+        raise DataError(f"{path}: no records (expected a JSON list or JSON lines of training examples)")
+    return records
+
+
+def _read_jsonl(text: str, path: Path) -> list[tuple[int, Any]]:
+    records = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((line_no, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from None
+    return records
+
+
+def _read_json_list(text: str, path: Path) -> list[tuple[int, Any]]:
+    """Parse `[record, record, ...]` one element at a time, so each record keeps the line it starts on."""
+    decoder = json.JSONDecoder()
+    records, pos = [], _skip_space(text, text.index("[") + 1)
+    while pos < len(text) and text[pos] != "]":
+        line_no = text.count("\n", 0, pos) + 1
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        records.append((line_no, record))
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_space(text, pos + 1)
+        elif pos < len(text) and text[pos] != "]":
+            raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: invalid JSON (expected ',' or ']')")
+    if pos >= len(text) or text[pos + 1:].strip():
+        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: invalid JSON (the list is not closed properly)")
+    return records
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def instruction_text(record: dict) -> str:
+    """The instruction, with a non-empty `input` appended after a blank line (the Alpaca convention)."""
+    extra = record.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(f"field 'input' must be a string, got {type(extra).__name__}")
+    return f"{record['instruction']}\n\n{extra}" if extra and extra.strip() else record["instruction"]
+
+
+def encode_record(record: Any, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one record of either shape (see module docstring)."""
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return format_chat_training_example(tokenizer, record["messages"])
+    missing = [key for key in ("instruction", "output") if key not in record]
+    if missing:
+        raise DataError(f"record needs 'instruction' and 'output' (or 'messages'); missing {missing}, "
+                        f"has {sorted(record)}")
+    for key in ("instruction", "output"):
+        if not isinstance(record[key], str):
+            raise DataError(f"field {key!r} must be a string, got {type(record[key]).__name__}")
+    return format_training_example(tokenizer, instruction_text(record), record["output"])
+
+
+def load_dataset(path: str | Path, tokenizer: Tokenizer, max_seq_len: int) -> Dataset:
+    """Every record of `path`, tokenized and truncated to `max_seq_len`; DataError on the first bad one."""
+    if max_seq_len < 2:
+        raise DataError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    examples, dropped = [], 0
+    records = read_records(path)
+    for line_no, record in records:
+        where = f"{path}:{line_no}"
+        try:
+            ids, labels = encode_record(record, tokenizer)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+        example = Example(ids[:max_seq_len], labels[:max_seq_len], where)
+        if example.n_targets == 0:
+            dropped += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: none of the {len(records)} examples has a target within max_seq_len "
+                        f"{max_seq_len} tokens; raise --max-seq-len")
+    return Dataset(examples, len(records), dropped)

@@ -1,0 +1,104 @@
+"""Kill-and-resume for real: `python -m komt.train` is SIGKILLed mid-run, resumed with --resume, and must end
+with the adapter (and the metrics) of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from komt.model import Transformer, preset
+from komt.model.safetensors_file import SafetensorsFile, write_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
+STEPS, SAVE_EVERY, KILL_AFTER_STEP = 24, 4, 10
+# The real 32000-token vocabulary (the tokenizer needs it) on a model narrow enough for quick CPU steps.
+SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("resume")
+    base = folder / "base"
+    base.mkdir()
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-mistral-32k", **SHAPE))
+    (base / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    write_safetensors(base / "model.safetensors", list(model.state_dict().items()))
+    shutil.copy(TOKENIZER, base / "tokenizer.model")
+    records = [{"instruction": f"질문 {i}: {'무엇' * (i % 4 + 1)}?", "output": f"답 {i}입니다." * (i % 3 + 1)}
+               for i in range(9)]
+    data = folder / "data.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return base, data
+
+
+def command(base: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    # dropout stays on (0.05): the resumed run must also restore the RNG that draws its masks
+    return [sys.executable, "-m", "komt.train", "--model", str(base), "--data", str(data), "--output", str(output),
+            "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--batch-size", "2", "--grad-accum", "2",
+            "--lr", "5e-3", "--warmup-steps", "3", "--seed", "7", *extra]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"  # a tiny model: more threads only add synchronisation (and on a busy machine, stalls)
+    return env
+
+
+def metrics(output: Path) -> list[dict]:
+    path = output / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(setup, tmp_path):
+    base, data = setup
+    straight = tmp_path / "straight"
+    subprocess.run(command(base, data, straight), env=environment(), check=True, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(base, data, killed), env=environment(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len(metrics(killed)) >= KILL_AFTER_STEP:  # past checkpoint-8, mid-way to checkpoint-12
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "adapter_model.safetensors").exists()
+    logged = len(metrics(killed))
+    assert KILL_AFTER_STEP <= logged < STEPS
+    newest = max(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*"))
+    assert newest < logged  # steps were lost and must be redone
+
+    resumed = subprocess.run(command(base, data, killed, "--resume"), env=environment(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {killed / f'checkpoint-{newest}'}" in resumed.stderr
+
+    a = SafetensorsFile(straight / "adapter_model.safetensors")
+    b = SafetensorsFile(killed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a.keys():
+        assert torch.allclose(a.tensor(key), b.tensor(key), atol=1e-6, rtol=0), key
+    assert max(a.tensor(k).abs().max().item() for k in a.keys() if "lora_B" in k) > 1e-3  # it trained
+    want, got = metrics(straight), metrics(killed)
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], abs=1e-5)
+    assert [m["lr"] for m in got] == pytest.approx([m["lr"] for m in want], abs=1e-12)
