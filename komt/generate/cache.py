@@ -19,6 +19,13 @@ The cache records each slot's absolute position (-1 = empty) and the attention m
 need not be in order and each batch row can be at its own position. Without a window (Llama), the same
 buffer simply never wraps: size is the whole context and positions past it are an error.
 
+Two modes, same math:
+- dynamic (default): attention sees only the slots filled so far (`S` grows with a plain buffer), and
+  every forward checks its positions against the buffer (one host read of the largest position);
+- static: attention always sees all `size` slots, empty ones masked, and nothing is read back to the
+  host. Every decode step then has the same shapes and no host sync, which is what `torch.compile` and
+  CUDA graphs need (gpt-fast's static cache); the caller checks positions before calling.
+
 Buffers: k and v [n_layers, B, Hkv, size, D]; slot_positions [B, size].
 """
 
@@ -48,54 +55,76 @@ class KVCache:
         prefill_chunk: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        static: bool = False,
     ) -> None:
+        if batch_size < 1 or max_positions < 1 or prefill_chunk < 1:
+            raise GenerationError(
+                f"a KV cache needs batch_size, max_positions and prefill_chunk >= 1, got "
+                f"{batch_size}, {max_positions}, {prefill_chunk}"
+            )
         self.window = config.sliding_window
         self.size = cache_size(config, max_positions, prefill_chunk)
         self.prefill_chunk = prefill_chunk
-        self.wraps = self.window is not None  # a rolling buffer reuses slots; a plain one must not overflow
+        # A rolling buffer reuses slots; a plain one must not overflow. A rolling buffer smaller than the
+        # window (a short generation) never wraps either: it then behaves exactly like a plain one.
+        self.wraps = self.window is not None and self.size < max_positions
+        self.static = static
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, self.size, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.slot_positions = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)
         self._slots: torch.Tensor | None = None  # (B, T): where this forward's keys go
-        self._filled = 0  # slots in use from the front (a plain buffer returns only those)
+        self._filled = self.size if static else 0  # slots attention sees, from the front
 
     @property
     def batch_size(self) -> int:
         return self.slot_positions.shape[0]
 
+    def rows(self, lo: int, hi: int) -> "KVCache":
+        """A view of rows lo..hi-1 sharing this cache's memory (a batch that uses only some rows)."""
+        view = object.__new__(KVCache)
+        view.window, view.size, view.prefill_chunk = self.window, self.size, self.prefill_chunk
+        view.wraps, view.static = self.wraps, self.static
+        view.k, view.v = self.k[:, lo:hi], self.v[:, lo:hi]  # (L, B, Hkv, S, D) -> (L, hi-lo, Hkv, S, D)
+        view.slot_positions = self.slot_positions[lo:hi]  # (B, S) -> (hi-lo, S)
+        view._slots = None
+        view._filled = self.size if self.static else 0
+        return view
+
     def row(self, b: int) -> "KVCache":
         """A one-row view sharing this cache's memory: prefill a single prompt into row b."""
-        view = object.__new__(KVCache)
-        view.window, view.size, view.prefill_chunk, view.wraps = self.window, self.size, self.prefill_chunk, self.wraps
-        view.k, view.v = self.k[:, b : b + 1], self.v[:, b : b + 1]
-        view.slot_positions = self.slot_positions[b : b + 1]
-        view._slots, view._filled = None, 0
-        return view
+        return self.rows(b, b + 1)
 
     def clear(self, b: int | None = None) -> None:
         """Forget everything (or row b): its slots become empty; the memory is reused."""
         if b is None:
             self.slot_positions.fill_(-1)
-            self._filled = 0
+            self._filled = self.size if self.static else 0
         else:
             self.slot_positions[b].fill_(-1)
 
+    def check(self, highest: int, chunk: int) -> None:
+        """Raise if a forward of `chunk` positions reaching position `highest` does not fit this cache."""
+        if self.wraps and chunk > self.prefill_chunk:
+            raise GenerationError(
+                f"a chunk of {chunk} positions exceeds the cache's prefill chunk of {self.prefill_chunk}"
+            )
+        if not self.wraps and highest >= self.size:
+            raise GenerationError(f"position {highest} is past the cache's {self.size} positions (context full)")
+
     def prepare(self, positions: torch.Tensor) -> torch.Tensor:
-        """Record where the keys of `positions` [B, T] go; return every slot's position [B, S] after the write.
+        """Record where the keys of `positions` [B, T] go; return the positions of the slots attention
+        sees [B, S] after the write.
 
         Called once per forward by the model, before the layers run; `update` then writes each layer.
         """
-        T = positions.shape[1]
-        if self.wraps and T > self.prefill_chunk:
-            raise GenerationError(f"a chunk of {T} positions exceeds the cache's prefill chunk of {self.prefill_chunk}")
-        highest = int(positions.max())
-        if not self.wraps and highest >= self.size:
-            raise GenerationError(f"position {highest} is past the cache's {self.size} positions (context full)")
+        if not self.static:
+            highest = int(positions.max())  # one host sync; static mode leaves the check to the caller
+            self.check(highest, positions.shape[1])
+            self._filled = max(self._filled, min(highest + 1, self.size))
         slots = positions % self.size  # (B, T)
         self._slots = slots
         self.slot_positions.scatter_(1, slots, positions)
-        self._filled = max(self._filled, min(highest + 1, self.size))
         return self.slot_positions[:, : self._filled]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

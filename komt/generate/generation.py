@@ -8,19 +8,30 @@
 read, timed and compiled on its own. `stream_generate` yields ids as they come; `generate` collects them;
 `generate_batch` runs several prompts of different lengths together; `stream_text` adds the streaming
 detokenizer and stop strings.
+
+`compile_mode` (e.g. "default", or "reduce-overhead" for CUDA graphs) runs each decode step through
+`torch.compile` over a static cache (see komt.generate.cache): same tokens, fewer kernel launches. Prefill
+stays eager: its shapes change with every prompt.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from komt.errors import GenerationError
 from komt.generate.cache import KVCache
 from komt.generate.sampling import SamplingParams, sample
+
+# A static cache is sized in whole buckets so that a compiled decode step (whose shapes include the
+# cache's) is reused across prompts of different lengths instead of recompiled for each.
+STATIC_CACHE_BUCKET = 512
+# torch.compile modes that capture CUDA graphs (on a CUDA device).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -48,18 +59,34 @@ class GenerationStats:
             return 0.0
         return (self.new_tokens - 1) / max(self.end - self.first_token_at, 1e-9)
 
+    def summary(self) -> str:
+        """One line for humans: prompt and new tokens, time to first token, prefill and decode speed."""
+        return (f"prompt {self.prompt_tokens} tokens, {self.new_tokens} new tokens, "
+                f"first token {self.time_to_first_token:.3f} s, prefill {self.prefill_tokens_per_s:.1f} tok/s, "
+                f"decode {self.decode_tokens_per_s:.1f} tok/s")
+
 
 def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
     weight = model.model.embed_tokens.weight
     return weight.device, weight.dtype
 
 
-def new_cache(model, batch_size: int, prompt_len: int, max_new_tokens: int) -> KVCache:
-    """A cache sized for this generation: prompt + new tokens, or a rolling buffer of the window."""
+def new_cache(model, batch_size: int, prompt_len: int, max_new_tokens: int, static: bool = False) -> KVCache:
+    """A cache sized for this generation: prompt + new tokens, or a rolling buffer of the window.
+
+    A static cache (for a compiled decode step) prefills in chunks of the whole window and rounds its
+    length up to a bucket, so its shape, and the compiled step, stay the same from prompt to prompt.
+    """
     config = model.config
-    chunk = prompt_len if config.sliding_window is None else min(config.sliding_window, prompt_len)
+    window, context = config.sliding_window, config.max_position_embeddings
+    max_positions = prompt_len + max_new_tokens
+    if static:
+        max_positions = min(-(-max_positions // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET, context)
+        chunk = max_positions if window is None else window
+    else:
+        chunk = prompt_len if window is None else min(window, prompt_len)
     device, dtype = _model_device_dtype(model)
-    return KVCache(config, batch_size, prompt_len + max_new_tokens, max(chunk, 1), device, dtype)
+    return KVCache(config, batch_size, max_positions, max(chunk, 1), device, dtype, static=static)
 
 
 @torch.inference_mode()
@@ -74,15 +101,50 @@ def prefill(model, cache: KVCache, ids: torch.Tensor, start: int = 0) -> torch.T
     logits = None
     for lo in range(0, T, chunk):
         part = ids[:, lo : lo + chunk]
+        if cache.static:  # a static cache does not read positions back to the host: check them here
+            cache.check(start + lo + part.shape[1] - 1, part.shape[1])
         positions = torch.arange(start + lo, start + lo + part.shape[1], device=ids.device).expand(B, -1)
         logits = model(part, positions=positions, cache=cache, last_only=True)
     return logits[:, -1]
 
 
+def _decode_logits(model, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return model(tokens[:, None], positions=positions[:, None], cache=cache)[:, -1]
+
+
 @torch.inference_mode()
 def decode_step(model, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One new token per row: tokens [B], positions [B] -> next-token logits [B, V]."""
-    return model(tokens[:, None], positions=positions[:, None], cache=cache)[:, -1]
+    return _decode_logits(model, cache, tokens, positions)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_decode_step(mode: str = "default") -> Callable[..., torch.Tensor]:
+    """`decode_step` under `torch.compile`, for a static cache (one compiled step per mode).
+
+    "reduce-overhead" and "max-autotune" replay the step as a CUDA graph; the cache buffers must then have
+    fixed addresses (`mark_static`). Those modes also turn on Inductor's coordinate-descent tuning (as
+    gpt-fast does), passed per compile rather than set globally: it retunes the block sizes of the
+    matrix-vector kernels a batch-1 decode is made of. Call the result inside `torch.inference_mode()`.
+    """
+    if mode == "default":
+        return torch.compile(_decode_logits, dynamic=False)
+    if mode not in CUDA_GRAPH_MODES:
+        raise GenerationError(f"unknown compile mode {mode!r}; use default, {' or '.join(CUDA_GRAPH_MODES)}")
+    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "max_autotune": mode == "max-autotune"}
+    compiled = torch.compile(_decode_logits, dynamic=False, options=options)
+
+    def step(model, cache, tokens, positions):
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed: reuse them
+        return compiled(model, cache, tokens, positions)
+
+    return step
+
+
+def mark_static(cache: KVCache) -> None:
+    """Tell torch.compile the cache buffers keep their addresses (required to capture CUDA graphs)."""
+    for buffer in (cache.k, cache.v, cache.slot_positions):
+        torch._dynamo.mark_static_address(buffer)
 
 
 def _check_request(model, prompt_ids: Sequence[int], max_new_tokens: int) -> int:
@@ -122,40 +184,58 @@ def stream_generate(
     seed: int | None = None,
     eos_id: int | None = None,
     stats: GenerationStats | None = None,
+    token_logprobs: list[float] | None = None,
+    compile_mode: str | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids one by one (EOS is not yielded; generation ends there)."""
+    """Yield new token ids one by one (EOS is not yielded; generation ends there).
+
+    `token_logprobs`, if given, receives the model's log-probability of each yielded token (before any
+    sampling filter: what rescoring the output with a full forward gives). `compile_mode` compiles the
+    decode step (see module docstring).
+    """
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     max_new_tokens = _check_request(model, prompt_ids, max_new_tokens)
     if max_new_tokens == 0:
         return
     device, _ = _model_device_dtype(model)
     stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens = len(prompt_ids)
+    stats.start, stats.prompt_tokens = time.perf_counter(), len(prompt_ids)
     generator = _make_generator(device, seed)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
         seen[0, ids[0]] = True
-    cache = new_cache(model, 1, len(prompt_ids), max_new_tokens)
-    logits = prefill(model, cache, ids)
-    position = len(prompt_ids)
-    for step in range(max_new_tokens):
-        token = sample(logits, params, generator, seen)  # (1,)
-        token_id = int(token)
-        if step == 0:
-            stats.first_token_at = time.perf_counter()
-        if token_id == eos_id:
-            break
-        stats.new_tokens += 1
-        yield token_id
-        if step == max_new_tokens - 1:
-            break
-        if seen is not None:
-            seen[0, token_id] = True
-        logits = decode_step(model, cache, token, torch.tensor([position], device=device))
-        position += 1
-    stats.end = time.perf_counter()
+    static = compile_mode is not None
+    cache = new_cache(model, 1, len(prompt_ids), max_new_tokens, static=static)
+    step = decode_step
+    if static:
+        step = compiled_decode_step(compile_mode)
+        if compile_mode in CUDA_GRAPH_MODES:
+            mark_static(cache)
+    try:
+        logits = prefill(model, cache, ids)
+        position = len(prompt_ids)
+        for i in range(max_new_tokens):
+            token = sample(logits, params, generator, seen)  # (1,)
+            token_id = int(token)
+            if i == 0:
+                stats.first_token_at = time.perf_counter()
+            if token_id == eos_id:
+                break
+            stats.new_tokens += 1
+            if token_logprobs is not None:
+                token_logprobs.append(float(logits[0].float().log_softmax(-1)[token_id]))
+            yield token_id
+            if i == max_new_tokens - 1:
+                break
+            if seen is not None:
+                seen[0, token_id] = True
+            with torch.inference_mode():
+                logits = step(model, cache, token, torch.tensor([position], device=device))
+            position += 1
+    finally:  # also when the consumer stops early (a stop string) and closes this generator
+        stats.end = time.perf_counter()
 
 
 def generate(model, prompt_ids: Sequence[int], **kwargs) -> list[int]:
@@ -174,11 +254,13 @@ def generate_batch(
     repetition_penalty: float = 1.0,
     seed: int | None = None,
     eos_id: int | None = None,
+    stats: GenerationStats | None = None,
 ) -> list[list[int]]:
     """Generate for several prompts of different lengths at once; row b equals a solo generation greedily.
 
     Each prompt is prefilled into its own cache row (so no padding enters the math), then all rows
     decode together, each at its own position; a row that reached EOS idles until all are done.
+    `stats` counts all rows' tokens; its first token comes once every prompt is prefilled.
     """
     if not prompts:
         return []
@@ -187,6 +269,8 @@ def generate_batch(
     max_new = max(limits)
     device, _ = _model_device_dtype(model)
     B, V = len(prompts), model.config.vocab_size
+    stats = stats if stats is not None else GenerationStats()
+    stats.start, stats.prompt_tokens = time.perf_counter(), sum(len(p) for p in prompts)
     generator = _make_generator(device, seed)
     cache = new_cache(model, B, max(len(p) for p in prompts), max_new)
     seen = torch.zeros(B, V, dtype=torch.bool, device=device) if repetition_penalty != 1.0 else None
@@ -200,8 +284,10 @@ def generate_batch(
     positions = torch.tensor([len(p) for p in prompts], device=device)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [limit == 0 for limit in limits]
-    for _ in range(max_new):
+    for i in range(max_new):
         tokens = sample(logits, params, generator, seen)  # (B,)
+        if i == 0:
+            stats.first_token_at = time.perf_counter()
         for b, token_id in enumerate(tokens.tolist()):
             if done[b]:
                 continue
@@ -209,6 +295,7 @@ def generate_batch(
                 done[b] = True
                 continue
             outputs[b].append(token_id)
+            stats.new_tokens += 1
             done[b] = len(outputs[b]) >= limits[b]
         if all(done):
             break
@@ -216,6 +303,7 @@ def generate_batch(
             seen[torch.arange(B, device=device), tokens] = True
         logits = decode_step(model, cache, tokens, positions)
         positions = positions + 1
+    stats.end = time.perf_counter()
     return outputs
 
 

@@ -1,0 +1,209 @@
+"""`python -m komt.generate.bench`: prefill and decode speed, time to first token and peak memory.
+
+    python -m komt.generate.bench --preset smollm2-135m                     # CPU yardstick, fp32
+    python -m komt.generate.bench --preset smollm2-135m --gemv plain        # without the split GEMV
+    python -m komt.generate.bench --preset tiny-mistral-32k --window 64 --new-tokens 512   # flat past W
+    python -m komt.generate.bench --preset komt-mistral-7b --device cuda --dtype bf16 --cuda-graphs
+    python -m komt.generate.bench --model path/to/checkpoint --prompt-len 512
+
+A preset gets random weights built directly on the target device in the target dtype (the module is
+made on the meta device, then `to_empty`, then initialised), so the 7B shape never exists twice. Decoding
+is greedy with no EOS, so every run makes exactly --new-tokens tokens. Each run prints one row; "early"
+and "late" are the median milliseconds per token over the first and last tenth of the decode, which stay
+level when the rolling cache works (try --window smaller than --new-tokens).
+
+Peak memory is the process's peak RSS on the CPU and `torch.cuda.max_memory_allocated` on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from typing import Sequence
+
+import torch
+
+from komt.errors import KomtError
+
+
+def build_random_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A Transformer of `config` with random weights (N(0, 0.02), norms 1), allocated once on `device`."""
+    from komt.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    model.to_empty(device=device)  # storage straight on the target device: no fp32 or CPU copy first
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty made them two tensors
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return model.eval().requires_grad_(False)
+
+
+def _peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB (CUDA allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (RSS)"
+
+
+def _median_ms(intervals: list[float]) -> str:
+    return f"{1e3 * statistics.median(intervals):.2f}" if intervals else "-"  # "-": batches time no single token
+
+
+def run_once(model, prompts: list[list[int]], new_tokens: int, compile_mode: str | None) -> dict:
+    """One timed generation; returns its figures (batch 1 also times every token)."""
+    from komt.generate.generation import GenerationStats, generate_batch, stream_generate
+
+    stats = GenerationStats()
+    if len(prompts) == 1:
+        stamps = []
+        for _ in stream_generate(model, prompts[0], max_new_tokens=new_tokens, stats=stats, compile_mode=compile_mode):
+            stamps.append(time.perf_counter())
+        intervals = [b - a for a, b in zip(stamps, stamps[1:])]
+    else:
+        generate_batch(model, prompts, max_new_tokens=new_tokens, stats=stats)
+        intervals = []
+    tenth = max(1, len(intervals) // 10)
+    decode_tokens = stats.new_tokens - len(prompts)  # the first token of each row comes from prefill
+    decode_time = (stats.end or stats.start) - (stats.first_token_at or stats.start)
+    return {
+        "prefill": stats.prefill_tokens_per_s,
+        "ttft": stats.time_to_first_token,
+        "decode": decode_tokens / max(decode_time, 1e-9),
+        "early": _median_ms(intervals[:tenth]),
+        "late": _median_ms(intervals[-tenth:]),
+    }
+
+
+def _check_against_eager(model, prompt: list[int], new_tokens: int, compile_mode: str | None) -> str:
+    """Greedy tokens of the benchmarked path vs plain eager decoding (split GEMV off) on the same weights.
+
+    In bf16 a fused kernel may round differently and flip a near-tie, so a late mismatch on random
+    weights is not necessarily a bug; an early one is.
+    """
+    from komt.generate.cpu_decode import SplitGEMVLinear
+    from komt.generate.generation import generate
+
+    fast = generate(model, prompt, max_new_tokens=new_tokens, compile_mode=compile_mode)
+    split = [m for m in model.modules() if isinstance(m, SplitGEMVLinear)]
+    saved = [m.n_blocks for m in split]
+    for m in split:
+        m.n_blocks = 1  # one block: the plain product
+        m._blocks_of = -1
+    try:
+        eager = generate(model, prompt, max_new_tokens=new_tokens)
+    finally:
+        for m, n in zip(split, saved):
+            m.n_blocks, m._blocks_of = n, -1
+    if fast == eager:
+        return f"check: all {len(fast)} greedy tokens equal plain eager decoding"
+    first = next(i for i, (a, b) in enumerate(zip(fast, eager)) if a != b)
+    return f"check: greedy tokens differ from plain eager decoding from token {first} of {len(fast)}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m komt.generate.bench", description=__doc__.split("\n")[0])
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--preset", default=None, help="random weights of a named shape (default smollm2-135m)")
+    source.add_argument("--model", help="a checkpoint folder or hub id instead of a preset")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU, bf16 on CUDA")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--window", type=int, help="override the preset's sliding window")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, = cores)")
+    p.add_argument("--gemv", choices=("split", "plain"), default="split",
+                   help="CPU: split single-row matmuls across cores (komt.generate.cpu_decode) or not")
+    p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
+    compile_group = p.add_mutually_exclusive_group()
+    compile_group.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
+    compile_group.add_argument("--cuda-graphs", action="store_true",
+                               help="torch.compile mode=reduce-overhead (CUDA graphs)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs (after one warm-up)")
+    p.add_argument("--check", action="store_true",
+                   help="also generate with plain eager decoding and report whether the tokens agree")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _bench(args)
+    except KomtError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from komt.errors import GenerationError
+    from komt.generate.cpu_decode import use_split_gemv
+    from komt.model.checkpoint import parse_dtype
+    from komt.model.config import preset
+    from komt.model.load import choose_kernels, load_model
+
+    for flag in ("prompt_len", "new_tokens", "batch_size", "repeat"):
+        if getattr(args, flag) < 1:
+            raise GenerationError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    if args.model:
+        model = load_model(args.model, device=device, dtype=dtype, kernels=args.kernels)
+        source = f"{args.model}"
+    else:
+        name = args.preset or "smollm2-135m"
+        overrides = {} if args.window is None else {"sliding_window": args.window}
+        config = preset(name, **overrides)
+        model = build_random_model(config, device, dtype, args.seed)
+        model.set_kernels(choose_kernels(device, args.kernels))
+        source = f"{name} (random weights)"
+    config = model.config
+    gemv = "plain"
+    if device.type == "cpu" and args.gemv == "split" and use_split_gemv(model):
+        gemv = "split"
+    compile_mode = "reduce-overhead" if args.cuda_graphs else "default" if args.compile else None
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"komt.generate.bench: {source}, {n_params / 1e6:.1f}M params ({weight_bytes / 1e6:.0f} MB), "
+          f"{device} {dtype}, {torch.get_num_threads()} threads, kernels {model.kernels}"
+          + (f", {gemv} GEMV" if device.type == "cpu" else "")
+          + (f", compile {compile_mode}" if compile_mode else ""))
+    print(f"batch {args.batch_size}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
+          f"window {config.sliding_window}")
+
+    generator = torch.Generator().manual_seed(args.seed)
+    prompts = [torch.randint(3, config.vocab_size, (args.prompt_len,), generator=generator).tolist()
+               for _ in range(args.batch_size)]
+    warmup_start = time.perf_counter()
+    run_once(model, prompts, min(args.new_tokens, 8), compile_mode)  # first-call costs (and compiling)
+    print(f"warm-up {time.perf_counter() - warmup_start:.1f} s")
+    print(f"{'run':>4} {'prefill tok/s':>14} {'first token':>12} {'decode tok/s':>13} "
+          f"{'ms/tok early':>13} {'ms/tok late':>12}")
+    runs = []
+    for i in range(args.repeat):
+        r = run_once(model, prompts, args.new_tokens, compile_mode)
+        runs.append(r)
+        print(f"{i + 1:>4} {r['prefill']:>14.1f} {r['ttft']:>10.3f} s {r['decode']:>13.1f} "
+              f"{r['early']:>13} {r['late']:>12}")
+    if args.check and args.batch_size == 1:
+        print(_check_against_eager(model, prompts[0], args.new_tokens, compile_mode))
+    decode = sorted(r["decode"] for r in runs)
+    gbps = weight_bytes * decode[-1] * (1 if args.batch_size == 1 else 1 / args.batch_size) / 1e9
+    print(f"decode tok/s: best {decode[-1]:.1f}, median {statistics.median(decode):.1f} "
+          f"(best streams weights at {gbps:.1f} GB/s); peak memory {_peak_memory(device)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

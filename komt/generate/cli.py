@@ -1,0 +1,317 @@
+"""`python -m komt.generate`: answer a prompt (or chat) with komt-mistral-7b-v1, streaming to stdout.
+
+    python -m komt.generate --prompt "제주도를 1박2일로 혼자 여행하려고 하는데 여행 코스를 만들어줘"
+    python -m komt.generate --chat                      # multi-turn; /reset, /exit, Ctrl-D
+    echo "프롬프트" | python -m komt.generate            # no --prompt, stdin not a terminal: one prompt
+
+The answer streams to stdout as it is generated; one stats line goes to stderr at the end (prompt and new
+tokens, time to first token, prefill and decode tokens/s). The sampling defaults are the model card's
+(temperature 0.8, top-k 100, top-p 0.8, up to 1024 new tokens); `--temperature 0` is greedy.
+
+Prompts are framed as the model was trained: a single prompt as the model card's `[INST]{prompt} [/INST]`
+(`format_prompt`), a chat in Mistral's instruct format with the whole history (`format_chat`).
+
+Dtype: `--dtype auto` (the default) is bf16 on CUDA (the model card's) and the checkpoint's own dtype on
+the CPU (so the 7B bf16 checkpoint loads in 14.5 GB; an fp32 checkpoint stays fp32). On the CPU the
+single-row matrix products are split across cores (komt.generate.cpu_decode).
+
+Bad input (missing model, empty or too long prompt, bad sampling value) is one `error: ...` line on stderr
+and exit status 2 (argparse's own errors: its usage line, status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence, TextIO
+
+import torch
+
+from komt.errors import GenerationError, KomtError
+
+DEFAULT_MODEL = "davidkim205/komt-mistral-7b-v1"
+COMPILE_MODES = ("off", "default", "reduce-overhead")
+
+
+# ---- arguments ------------------------------------------------------------------------------------------
+
+def _number(kind: type, name: str, low: float | None = None, high: float | None = None,
+            low_open: bool = False):
+    """An argparse type: a finite `kind` within [low, high] (or (low, high] with `low_open`)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            lo = "" if low is None else f"{'(' if low_open else '['}{low}, "
+            hi = "inf)" if high is None else f"{high}]"
+            raise argparse.ArgumentTypeError(f"{name} must be in {lo}{hi}, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m komt.generate",
+        description="Generate text with a Mistral/Llama checkpoint (default: komt-mistral-7b-v1), streaming to stdout.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint folder or Hugging Face id (default {DEFAULT_MODEL})")
+    p.add_argument("--prompt", help="the prompt; without it, a chat on a terminal or one prompt read from stdin")
+    p.add_argument("--chat", action="store_true",
+                   help="interactive multi-turn chat (/reset clears history, /exit or Ctrl-D quits)")
+    p.add_argument("--max-new-tokens", type=_number(int, "--max-new-tokens", 1), default=1024, metavar="N",
+                   help="at most N new tokens (default 1024)")
+    p.add_argument("--temperature", type=_number(float, "--temperature", 0.0), default=0.8, metavar="T",
+                   help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=_number(int, "--top-k", 0), default=100, metavar="K", help="0 = off (default 100)")
+    p.add_argument("--top-p", type=_number(float, "--top-p", 0.0, 1.0, low_open=True), default=0.8, metavar="P",
+                   help="in (0, 1] (default 0.8)")
+    p.add_argument("--repetition-penalty", type=_number(float, "--repetition-penalty", 0.0, low_open=True), default=1.0,
+                   metavar="X", help="> 1 discourages repeating prompt and output tokens (default 1.0 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    p.add_argument("--seed", type=int, help="seed for sampling (same seed, same text)")
+    p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 on CUDA, the checkpoint's dtype on the CPU")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply")
+    p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model or its folder (default: the model folder's)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help="torch.compile the decode step (reduce-overhead = CUDA graphs); compiling takes a while")
+    return p
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str | None:
+    """The dtype to load in; None keeps the checkpoint's (see module docstring)."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if device.type == "cuda" else None
+
+
+# ---- loading --------------------------------------------------------------------------------------------
+
+class LoadProgress:
+    """A `progress(bytes_done, bytes_total)` callback drawing a plain-text bar on stderr while weights load.
+
+    Silent for checkpoints under `min_bytes` (nothing to wait for). On a terminal the bar redraws in place;
+    elsewhere (a log file) it prints a line every 25%.
+    """
+
+    def __init__(self, stream: TextIO, min_bytes: int = 256 * 2**20, width: int = 30) -> None:
+        self.stream, self.min_bytes, self.width = stream, min_bytes, width
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.start = time.perf_counter()
+        self._last_drawn = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < self.min_bytes:
+            return
+        percent = 100 * done // max(total, 1)
+        step = 1 if self.tty else 25
+        if percent // step == self._last_drawn // step and done < total:
+            return
+        self._last_drawn = percent
+        filled = self.width * done // max(total, 1)
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"loading weights [{bar}] {percent:3d}% {done / 1e9:.1f}/{total / 1e9:.1f} GB"
+        if done >= total:
+            line += f" in {time.perf_counter() - self.start:.1f} s"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done >= total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def open_checkpoint(args: argparse.Namespace):
+    """(folder, tokenizer, config) of the requested model: cheap checks before any weight is read."""
+    from komt.generate.tokenizer import load_tokenizer
+    from komt.model.config import ModelConfig
+    from komt.model.hub import resolve_model_path
+
+    folder = Path(resolve_model_path(args.model))
+    config = ModelConfig.from_file(folder / "config.json")
+    tokenizer = load_tokenizer(args.tokenizer or folder)
+    return folder, tokenizer, config
+
+
+def load_weights(args: argparse.Namespace, folder: Path, stderr: TextIO):
+    """The model on the requested device, in the requested dtype, with a progress bar for big checkpoints."""
+    from komt.generate.cpu_decode import use_split_gemv
+    from komt.model import load_model
+
+    device = torch.device(args.device or default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    model = load_model(folder, device=device, dtype=resolve_dtype(args.dtype, device), adapter=args.adapter,
+                       kernels=args.kernels, progress=LoadProgress(stderr))
+    if device.type == "cpu":
+        use_split_gemv(model)
+    return model
+
+
+# ---- answering ------------------------------------------------------------------------------------------
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k or None,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "compile_mode": None if args.compile == "off" else args.compile,
+    }
+
+
+def stream_answer(model, tokenizer, prompt_ids: Sequence[int], args: argparse.Namespace,
+                  stdout: TextIO, stderr: TextIO) -> str:
+    """Stream one answer to stdout (flushed per piece), then the stats line to stderr; return the text."""
+    from komt.generate.generation import GenerationStats, stream_text
+
+    stats = GenerationStats()
+    pieces = []
+    stream = stream_text(model, tokenizer, prompt_ids, stop=args.stop, stats=stats, **sampling_kwargs(args))
+    try:
+        for piece in stream:
+            pieces.append(piece)
+            stdout.write(piece)
+            stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        stdout.write("\n")
+        stdout.flush()
+        stderr.write(f"[interrupted; {stats.summary()}]\n")
+        raise
+    stdout.write("\n")
+    stdout.flush()
+    stderr.write(f"[{stats.summary()}]\n")
+    stderr.flush()
+    return "".join(pieces)
+
+
+def fit_history(tokenizer, messages: list[dict], context: int) -> list[int]:
+    """Ids of the conversation; drops the oldest exchanges (in place) until the prompt fits the context."""
+    from komt.generate.prompt import format_chat
+
+    while True:
+        ids = format_chat(tokenizer, messages)
+        if len(ids) < context or len(messages) <= 1:
+            break
+        del messages[:2]  # the oldest user message and its answer
+    if len(ids) >= context:
+        raise GenerationError(f"the message is {len(ids)} tokens; the model's context is {context} (shorten it)")
+    return ids
+
+
+def chat(model, tokenizer, context: int, args: argparse.Namespace,
+         stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    """The interactive loop: `> ` prompt, history in Mistral's chat format, /reset, /exit, Ctrl-D."""
+    interactive = stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    stderr.write("komt chat: /reset clears the history, /exit or Ctrl-D quits\n")
+    messages: list[dict] = []
+    while True:
+        try:
+            if interactive:
+                line = input("> ")
+            else:
+                stderr.write("> ")
+                stderr.flush()
+                line = stdin.readline()
+                if not line:
+                    raise EOFError
+        except EOFError:
+            stderr.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            stderr.write("\n")
+            return 130
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            messages.clear()
+            stderr.write("(history cleared)\n")
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            ids = fit_history(tokenizer, messages, context)
+            answer = stream_answer(model, tokenizer, ids, args, stdout, stderr)
+        except KomtError as err:
+            messages.pop()
+            stderr.write(f"error: {err}\n")
+            continue
+        except KeyboardInterrupt:  # stop this answer, keep chatting
+            messages.pop()
+            stderr.write("(interrupted)\n")
+            continue
+        if answer.strip():
+            messages.append({"role": "assistant", "content": answer})
+        else:
+            messages.pop()  # an empty answer cannot be a turn of the history
+
+
+# ---- entry point ----------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    """Everything after argument parsing; raises KomtError for bad input."""
+    from komt.generate.prompt import format_prompt
+
+    want_chat = args.chat or (args.prompt is None and stdin.isatty())
+    prompt = args.prompt
+    if not want_chat:
+        if prompt is None:
+            prompt = stdin.read()
+        if not prompt.strip():
+            raise GenerationError("the prompt is empty: pass --prompt TEXT, pipe text to stdin, or use --chat")
+    folder, tokenizer, config = open_checkpoint(args)
+    context = config.max_position_embeddings
+    ids = None
+    if not want_chat:
+        ids = format_prompt(tokenizer, prompt.strip())
+        if len(ids) >= context:
+            raise GenerationError(f"the prompt is {len(ids)} tokens; the model's context is {context} (shorten it)")
+    model = load_weights(args, folder, stderr)
+    if want_chat:
+        return chat(model, tokenizer, context, args, stdin, stdout, stderr)
+    stream_answer(model, tokenizer, ids, args, stdout, stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # bad flags: usage line + exit 2 (argparse)
+    try:
+        return run(args, sys.stdin, sys.stdout, sys.stderr)
+    except KomtError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

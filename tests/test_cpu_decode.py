@@ -1,0 +1,67 @@
+"""The split GEMV equals nn.Linear, keeps the model's weights and ties, and falls back where it must."""
+
+import pytest
+import torch
+from torch import nn
+
+from komt.generate.cpu_decode import SplitGEMVLinear, use_split_gemv
+from komt.model import Transformer, preset
+
+
+@pytest.mark.parametrize("out_features, n_blocks", [(96, 2), (96, 3), (100, 4)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_split_product_equals_linear(out_features, n_blocks, transposed):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, out_features, bias=False).requires_grad_(False)
+    if transposed:  # the same (O, I) weight stored column-major, as use_split_gemv stores lm_head
+        linear.weight.data = linear.weight.data.t().contiguous().t()
+    split = SplitGEMVLinear(linear, n_blocks)
+    for shape in [(1, 48), (1, 1, 48), (48,), (3, 48), (2, 5, 48)]:  # one row -> bmm; more -> F.linear
+        x = torch.randn(shape)
+        torch.testing.assert_close(split(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+def test_new_weights_are_picked_up():
+    linear = nn.Linear(8, 6, bias=False).requires_grad_(False)
+    split = SplitGEMVLinear(linear, 2)
+    x = torch.randn(1, 8)
+    split(x)
+    split.weight = nn.Parameter(torch.randn(6, 8), requires_grad=False)
+    torch.testing.assert_close(split(x), x @ split.weight.T)
+
+
+def test_swap_keeps_state_dict_and_tied_weights():
+    torch.manual_seed(0)
+    model = Transformer(preset("smollm2-135m", num_hidden_layers=2, vocab_size=512)).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        want = model(ids)
+    assert use_split_gemv(model, threads=2) == 2 * 7 + 1
+    assert isinstance(model.lm_head, SplitGEMVLinear) and isinstance(model.lm_head, nn.Linear)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert model.lm_head.weight.t().is_contiguous()  # the vocabulary projection is stored transposed
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, atol=1e-4, rtol=1e-4)  # GEMM order differs a little
+        x = torch.randn(1, 1, 576)
+        torch.testing.assert_close(model.lm_head(x), x @ before["lm_head.weight"].T, atol=1e-4, rtol=1e-4)
+
+
+def test_nothing_to_do_on_one_thread_or_for_bf16():
+    model = Transformer(preset("tiny-mistral-32k", vocab_size=64)).eval()
+    assert use_split_gemv(model, threads=1) == 0
+    assert use_split_gemv(model.to(torch.bfloat16), threads=2) == 0
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_lora_layers_are_left_alone():
+    from komt.model.lora import LoRAConfig, LoRALinear, inject_lora
+
+    model = Transformer(preset("tiny-mistral-32k", vocab_size=64)).eval()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, targets=("q_proj",)))
+    use_split_gemv(model, threads=2)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, LoRALinear) and type(q.lora_A) is nn.Linear and type(q.lora_B) is nn.Linear
+    assert isinstance(model.model.layers[0].self_attn.k_proj, SplitGEMVLinear)

@@ -1,0 +1,119 @@
+"""The sampler on hand-made logits: which tokens top-k / top-p keep, the repetition penalty, seeding, bad values."""
+
+import math
+
+import pytest
+import torch
+
+from komt.errors import GenerationError
+from komt.generate.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+
+NEG_INF = float("-inf")
+
+
+def _probs_logits(probs):
+    return torch.tensor([[math.log(p) for p in probs]])
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, -2.0, 4.0]])
+    assert top_k_filter(logits, 2).tolist() == [[NEG_INF, 5.0, NEG_INF, NEG_INF, 4.0]]
+    assert top_k_filter(logits, 0).tolist() == logits.tolist()  # 0 = off
+    assert top_k_filter(logits, 10).tolist() == logits.tolist()  # k >= V keeps all
+
+
+def test_top_k_works_row_by_row():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    kept = top_k_filter(logits, 1) > NEG_INF
+    assert kept.tolist() == [[False, False, True], [True, False, False]]
+
+
+@pytest.mark.parametrize(
+    "p, kept",
+    [
+        (0.45, [True, False, False, False]),  # 0.5 alone reaches 0.45
+        (0.79, [True, True, False, False]),  # 0.5 + 0.3 reaches 0.79
+        (0.81, [True, True, True, False]),  # 0.8 does not reach 0.81: needs the third
+        (0.96, [True, True, True, True]),
+        (0.1, [True, False, False, False]),  # the most likely token always stays
+    ],
+)
+def test_top_p_keeps_the_smallest_nucleus_reaching_p(p, kept):
+    # vocabulary order shuffled so the filter must sort: probabilities 0.15, 0.5, 0.05, 0.3
+    logits = _probs_logits([0.15, 0.5, 0.05, 0.3])
+    got = (top_p_filter(logits, p) > NEG_INF)[0].tolist()
+    order = [1, 3, 0, 2]  # token ids by descending probability
+    assert [got[i] for i in order] == kept
+
+
+def test_top_p_one_keeps_everything():
+    logits = torch.randn(2, 50)
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 3.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    got = apply_repetition_penalty(logits, seen, 2.0)
+    assert got.tolist() == [[1.0, -4.0, 3.0, -1.0]]  # unseen tokens unchanged
+    assert apply_repetition_penalty(logits, seen, 1.0) is logits
+
+
+def test_penalty_applies_before_greedy_choice():
+    logits = torch.tensor([[3.0, 2.0, 0.0]])
+    seen = torch.tensor([[True, False, False]])
+    assert sample(logits, SamplingParams(), seen=seen).tolist() == [0]  # penalty 1: argmax stays
+    assert sample(logits, SamplingParams(repetition_penalty=2.0), seen=seen).tolist() == [1]  # 3/2 < 2
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(4, 100)
+    assert torch.equal(sample(logits, SamplingParams(temperature=0.0, top_k=5)), logits.argmax(-1))
+
+
+def test_sampling_draws_only_from_the_filtered_set():
+    logits = torch.zeros(1, 10)
+    logits[0, [2, 7]] = 1.0  # top-2 = {2, 7}; the rest have real probability without the filter
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, SamplingParams(temperature=1.0, top_k=2), gen)) for _ in range(200)}
+    assert draws == {2, 7}
+
+
+def test_sampling_follows_the_distribution():
+    logits = _probs_logits([0.7, 0.2, 0.1]).expand(20000, 3)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample(logits, SamplingParams(temperature=1.0), gen), minlength=3).float() / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.7, 0.2, 0.1]), atol=0.02, rtol=0)
+
+
+def test_same_seed_same_tokens_different_seed_differs():
+    logits = torch.zeros(64, 1000)
+    params = SamplingParams(temperature=0.8, top_k=100, top_p=0.8)
+
+    def draw(seed):
+        return sample(logits, params, torch.Generator().manual_seed(seed)).tolist()
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+    ],
+)
+def test_invalid_values_raise(kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        SamplingParams(**kwargs)
