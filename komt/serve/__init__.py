@@ -1,0 +1,14 @@
+"""An OpenAI-compatible HTTP server over komt's generation, with continuous batching and a chat page.
+
+    python -m komt.serve --model ./komt-mistral-7b-v1        # then open http://127.0.0.1:8000/
+
+`Engine` (komt.serve.engine) owns the model and batches concurrent requests; `create_app`
+(komt.serve.app) puts OpenAI's routes in front of it; `python -m komt.serve.loadtest` measures it.
+FastAPI and uvicorn are the optional `serve` extra: pip install 'komt[serve]'.
+"""
+
+from komt.serve.app import create_app
+from komt.serve.engine import Engine, Failed, Finished, QueueFull
+from komt.serve.metrics import ServerMetrics
+
+__all__ = ["Engine", "Failed", "Finished", "QueueFull", "ServerMetrics", "create_app"]

@@ -1,0 +1,195 @@
+"""The HTTP application: OpenAI's routes over one `Engine`, the chat page, health and metrics.
+
+    POST /v1/chat/completions   messages -> Mistral instruct prompt -> engine -> JSON, or SSE chunks
+    POST /v1/completions        raw prompt -> engine -> JSON, or SSE chunks
+    GET  /v1/models, /health, /metrics (Prometheus text), /  (the chat page)
+
+Handlers never touch the model: they validate (komt.serve.protocol), submit to the engine thread and await
+its events on an asyncio queue. A streamed answer ends with `data: [DONE]`; if the client disconnects,
+Starlette cancels the stream and its `finally` cancels the job, which frees the batch row before the next
+decode step. A non-streamed request watches for the disconnect itself.
+
+FastAPI is an optional dependency (the `serve` extra): it is imported inside `create_app`. (No
+`from __future__ import annotations` here: FastAPI reads the handlers' annotations, `Request` included.)
+"""
+
+import asyncio
+import importlib.resources
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from komt.errors import KomtError
+from komt.serve import protocol
+from komt.serve.engine import Engine, Failed, Finished, Job, QueueFull
+from komt.serve.guards import BearerAuth, BodyLimit, RequestCounter
+from komt.serve.protocol import APIError, GenerationSpec, Reply
+
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # ~100k tokens of JSON-escaped Korean; far past any context
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+
+
+def require_serve_dependencies() -> None:
+    """Fail with the install command when the `serve` extra is missing."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise KomtError(f"the server needs fastapi and uvicorn ({err.name} is not installed): "
+                        "pip install 'komt[serve]'") from None
+
+
+def create_app(
+    engine: Engine,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    timeout: float | None = 600.0,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> Any:
+    """A FastAPI app serving `engine`; the app's lifespan starts and stops the engine thread."""
+    require_serve_dependencies()
+    from fastapi import FastAPI, Request
+    from fastapi.responses import (
+        HTMLResponse,
+        JSONResponse,
+        PlainTextResponse,
+        Response,
+        StreamingResponse,
+    )
+    from starlette.exceptions import HTTPException
+
+    page = importlib.resources.files("komt.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="komt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(RequestCounter, metrics=engine.metrics, routes=ROUTES)  # outermost: counts 401/413 too
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(KomtError)
+    async def komt_error(_request: Request, err: KomtError) -> JSONResponse:  # bad input found past the protocol
+        return JSONResponse(APIError(str(err)).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, err: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return JSONResponse(APIError(str(err.detail), err.status_code, code=code).body(), status_code=err.status_code)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": model_name})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return protocol.models_list(model_name, started)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = protocol.parse_json_body(await request.body())
+        spec = protocol.parse_chat_request(body, engine.tokenizer, context=engine.context, model_name=model_name)
+        return await answer(request, spec, Reply.new(chat=True, model=model_name))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = protocol.parse_json_body(await request.body())
+        spec = protocol.parse_completion_request(body, engine.tokenizer, context=engine.context, model_name=model_name)
+        return await answer(request, spec, Reply.new(chat=False, model=model_name))
+
+    async def answer(request: Request, spec: GenerationSpec, reply: Reply) -> Response:
+        """Submit to the engine; stream its events as SSE or gather them into one JSON body."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def deliver(event: Any) -> None:  # runs on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            job = engine.submit(spec.prompt_ids, max_tokens=spec.max_tokens, params=spec.params, deliver=deliver,
+                                seed=spec.seed, stop=spec.stop, timeout=timeout)
+        except QueueFull as err:
+            raise APIError(str(err), status=429, type="rate_limit_error", code="queue_full") from None
+        if spec.stream:
+            return StreamingResponse(stream(job, events, spec, reply), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        gathering = asyncio.ensure_future(gather(events))
+        watching = asyncio.ensure_future(client_gone(request))
+        try:
+            await asyncio.wait({gathering, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+            if not gathering.done():
+                gathering.cancel()
+                job.cancel()
+        if not gathering.done() or gathering.cancelled():
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads this
+        text, end = gathering.result()
+        if isinstance(end, Failed):
+            raise protocol.failure_error(end.reason, end.message)
+        return JSONResponse(reply.full(text, end.reason, end.prompt_tokens, end.completion_tokens))
+
+    return app
+
+
+async def gather(events: asyncio.Queue) -> tuple[str, Finished | Failed]:
+    """All text pieces of a generation and its last event."""
+    parts = []
+    while True:
+        event = await events.get()
+        if isinstance(event, str):
+            parts.append(event)
+        else:
+            return "".join(parts), event
+
+
+async def client_gone(request: Any) -> None:
+    """Return when the client disconnects (the body was already read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def stream(job: Job, events: asyncio.Queue, spec: GenerationSpec, reply: Reply) -> AsyncIterator[bytes]:
+    """Server-sent events in OpenAI's chunk format: role, text pieces, finish reason + usage, [DONE]."""
+    try:
+        if reply.chat:
+            yield protocol.sse(reply.chunk("", first=True))
+        while True:
+            event = await events.get()
+            if isinstance(event, str):
+                yield protocol.sse(reply.chunk(event))
+                continue
+            if isinstance(event, Finished):
+                usage = protocol.usage(event.prompt_tokens, event.completion_tokens)
+                yield protocol.sse(reply.chunk(None, event.reason, usage_=usage))
+                if spec.include_usage:
+                    yield protocol.sse(reply.usage_chunk(event.prompt_tokens, event.completion_tokens))
+            else:  # Failed mid-stream: the status line is long gone, so the error travels as an event
+                yield protocol.sse(protocol.failure_error(event.reason, event.message).body())
+            break
+        yield protocol.sse("[DONE]")
+    finally:
+        job.cancel()  # a no-op after the end; frees the row at once when the client left mid-stream
