@@ -14,6 +14,7 @@ optional `hub` extra) and `HF_HUB_OFFLINE` is not set, is it downloaded; otherwi
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from komt.errors import CheckpointError
@@ -71,12 +72,16 @@ def _download(repo_id: str) -> Path:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         raise CheckpointError(f"{repo_id}: not in the Hugging Face cache ({hub_cache_dir()}) and HF_HUB_OFFLINE is set; {how}")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import list_repo_files, snapshot_download
     except ImportError:
         raise CheckpointError(f"{repo_id}: not in the Hugging Face cache ({hub_cache_dir()}); {how}") from None
     try:
-        folder = snapshot_download(repo_id, allow_patterns=_DOWNLOAD_PATTERNS + ["*.bin", "*.bin.index.json"],
-                                   ignore_patterns=["optimizer*", "training_args*"])
+        files = list_repo_files(repo_id)
+        patterns = list(_DOWNLOAD_PATTERNS)
+        if not any(name.endswith(".safetensors") for name in files):
+            patterns += ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # 2023 checkpoints: pickles only
+        print(f"komt: downloading {repo_id} from the Hugging Face hub ...", file=sys.stderr)
+        folder = snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as err:  # network errors, missing repo, auth: all one message for the user
         raise CheckpointError(f"{repo_id}: download failed ({type(err).__name__}); {how}") from None
     return Path(folder)
