@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import write_checkpoint
 import torch
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install 'komt[test]')")
@@ -31,7 +32,6 @@ from komt import load_model, load_tokenizer
 from komt.generate import generate
 from komt.generate.prompt import format_chat
 from komt.model import Transformer, preset
-from komt.model.safetensors_file import write_safetensors
 from komt.serve import Engine, create_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,9 +48,7 @@ def checkpoint(tmp_path_factory) -> Path:
     config = preset("tiny-mistral-32k")
     torch.manual_seed(0)
     model = Transformer(config)
-    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
-    write_safetensors(folder / "model.safetensors", list(model.state_dict().items()))
-    shutil.copy(FIXTURES / "tokenizer" / "tokenizer.model", folder / "tokenizer.model")
+    write_checkpoint(model, folder, tokenizer=True)
     return folder
 
 

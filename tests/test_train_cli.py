@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_checkpoint
 
 from komt.model import Transformer, preset
-from komt.model.safetensors_file import write_safetensors
 from komt.train.cli import build_train_parser, config_from_args, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +24,7 @@ def base(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("base")
     model = Transformer(preset("tiny-mistral-32k", hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                num_key_value_heads=1, head_dim=16))
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
-    write_safetensors(folder / "model.safetensors", list(model.state_dict().items()))
-    shutil.copy(TOKENIZER, folder / "tokenizer.model")
+    write_checkpoint(model, folder, tokenizer=True)
     return folder
 
 

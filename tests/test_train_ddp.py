@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_checkpoint
 import torch
 
 from komt.model import Transformer, preset
-from komt.model.safetensors_file import SafetensorsFile, write_safetensors
+from komt.model.safetensors_file import SafetensorsFile
 from komt.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
 SETTINGS = dict(max_steps=4, lr=1e-2, warmup_steps=1, lora_dropout=0.0, save_every=2, eval_split=0.2,
                 eval_every=2, seed=3)
@@ -40,9 +39,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     base.mkdir()
     torch.manual_seed(0)
     model = Transformer(preset("tiny-mistral-32k", **SHAPE))
-    (base / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
-    write_safetensors(base / "model.safetensors", list(model.state_dict().items()))
-    shutil.copy(TOKENIZER, base / "tokenizer.model")
+    write_checkpoint(model, base, tokenizer=True)
     records = [{"instruction": f"문제 {i}{'?' * i}", "output": "정답은 " + "가나다라"[: i % 4 + 1]} for i in range(10)]
     data = folder / "data.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_checkpoint
 import torch
 
 import komt
@@ -45,9 +45,7 @@ def base(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
     model = Transformer(preset("tiny-mistral-32k"))
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
-    write_safetensors(folder / "model.safetensors", list(model.state_dict().items()))
-    shutil.copy(TOKENIZER, folder / "tokenizer.model")
+    write_checkpoint(model, folder, tokenizer=True)
     return folder
 
 

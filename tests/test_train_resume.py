@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_checkpoint
 import torch
 
 from komt.model import Transformer, preset
-from komt.model.safetensors_file import SafetensorsFile, write_safetensors
+from komt.model.safetensors_file import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
 STEPS, SAVE_EVERY, KILL_AFTER_STEP = 24, 4, 10
 # The real 32000-token vocabulary (the tokenizer needs it) on a model narrow enough for quick CPU steps.
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
@@ -32,9 +31,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     base.mkdir()
     torch.manual_seed(0)
     model = Transformer(preset("tiny-mistral-32k", **SHAPE))
-    (base / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
-    write_safetensors(base / "model.safetensors", list(model.state_dict().items()))
-    shutil.copy(TOKENIZER, base / "tokenizer.model")
+    write_checkpoint(model, base, tokenizer=True)
     records = [{"instruction": f"질문 {i}: {'무엇' * (i % 4 + 1)}?", "output": f"답 {i}입니다." * (i % 3 + 1)}
                for i in range(9)]
     data = folder / "data.json"
