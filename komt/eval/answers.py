@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from komt.errors import DataError
-from komt.eval.questions import Question, read_jsonl
+from komt.eval.questions import Question
+from komt.train.jsonl import read_jsonl
 from komt.eval.results import cut_torn_tail
 
 MODEL_CARD_SAMPLING = {"temperature": 0.8, "top_k": 100, "top_p": 0.8}

@@ -6,12 +6,11 @@ ChatGPT-judged table is computed over exactly these, so only this set is compara
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from komt.errors import DataError
+from komt.train.jsonl import read_jsonl
 
 DATA_DIR = Path(__file__).parent / "data"
 QUESTIONS_FILE = DATA_DIR / "komt_eval_questions.jsonl"
@@ -22,30 +21,6 @@ RESULTS_DIR = DATA_DIR / "komt_eval_results"
 class Question:
     id: int
     instruction: str
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line is a DataError naming file and line."""
-    path = Path(path)
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        line_no = 0
-        try:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-                yield line_no, record
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{line_no + 1}: not UTF-8 text") from None
 
 
 def load_questions(path: str | Path | None = None) -> list[Question]:

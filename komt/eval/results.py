@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import IO
 
 from komt.errors import DataError
-from komt.eval.questions import Question, read_jsonl
+from komt.eval.questions import Question
+from komt.train.jsonl import read_jsonl
 
 FIELDS = ("id", "instruction", "answer", "chatgpt", "score")
 

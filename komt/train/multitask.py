@@ -69,6 +69,7 @@ from typing import IO
 
 from komt.errors import DataError, KomtError
 from komt.train import templates as tpl
+from komt.train.jsonl import read_jsonl
 
 # Kind -> the columns it reads, by role; an option ROLE=NAME renames one.
 COLUMNS = {
@@ -206,21 +207,8 @@ def read_records(spec: TaskSpec) -> Iterator[tuple[str, dict]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    line_no = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-                yield f"{path}:{line_no}", record
-    except UnicodeDecodeError:
-        raise DataError(f"{path}:{line_no + 1}: not UTF-8 text") from None
+    for line_no, record in read_jsonl(path):
+        yield f"{path}:{line_no}", record
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
