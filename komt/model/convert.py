@@ -11,26 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
+from komt.atomic import write_text_atomic
 from komt.errors import CheckpointError
 from komt.model.checkpoint import ShardReader, find_weight_shards
-from komt.model.safetensors_file import current_umask, write_safetensors
+from komt.model.safetensors_file import write_safetensors
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def convert_to_safetensors(folder: str | os.PathLike, log: Callable[[str], None] = print) -> list[Path]:

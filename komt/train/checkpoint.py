@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
+from komt.atomic import current_umask
 from komt.errors import CheckpointError
-from komt.model.lora import (PEFT_PREFIX, LoRAConfig, current_umask, lora_state_dict, read_adapter_weights,
-                             save_adapter)
+from komt.model.lora import PEFT_PREFIX, LoRAConfig, lora_state_dict, read_adapter_weights, save_adapter
 
 TRAINER_STATE = "trainer_state.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")

@@ -24,7 +24,8 @@ import torch
 from komt.errors import CheckpointError
 from komt.model.hub import resolve_model_path
 from komt.model.load import load_model
-from komt.model.lora import current_umask, merge_lora
+from komt.atomic import current_umask
+from komt.model.lora import merge_lora
 from komt.model.safetensors_file import write_safetensors
 
 MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size

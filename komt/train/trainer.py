@@ -30,7 +30,8 @@ from komt.errors import ConfigError, DataError, KomtError
 from komt.generate.tokenizer import Tokenizer, load_tokenizer
 from komt.model.hub import resolve_model_path
 from komt.model.load import load_model
-from komt.model.lora import ADAPTER_WEIGHTS, count_parameters, inject_lora, save_adapter, write_text_atomic
+from komt.atomic import write_text_atomic
+from komt.model.lora import ADAPTER_WEIGHTS, count_parameters, inject_lora, save_adapter
 from komt.train import distributed
 from komt.train.batching import collate, count_targets, epoch_batches, micro_batches, split_eval, steps_per_epoch
 from komt.train.checkpoint import (list_checkpoints, load_trainer_state, remove_partial_checkpoints, restore_lora,
