@@ -23,13 +23,7 @@ SETTINGS = dict(max_steps=4, lr=1e-2, warmup_steps=1, lora_dropout=0.0, save_eve
                 eval_every=2, seed=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model: more threads only add synchronisation (and on a busy machine, stalls)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
