@@ -6,11 +6,12 @@ import torch
 
 from komt.generate import bench
 from komt.model import preset
+from komt.model.checkpoint import random_model
 
 
 def test_random_model_is_initialised_on_the_target_device():
     config = preset("smollm2-135m", num_hidden_layers=2, vocab_size=256)
-    model = bench.build_random_model(config, torch.device("cpu"), torch.bfloat16, seed=1)
+    model = random_model(config, torch.device("cpu"), torch.bfloat16, seed=1)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tie survives to_empty
     params = dict(model.named_parameters())
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in params.values())
@@ -18,7 +19,7 @@ def test_random_model_is_initialised_on_the_target_device():
     assert torch.equal(params["model.norm.weight"], torch.ones(576, dtype=torch.bfloat16))
     std = params["model.layers.0.mlp.up_proj.weight"].float().std().item()
     assert abs(std - 0.02) < 0.002
-    again = bench.build_random_model(config, torch.device("cpu"), torch.bfloat16, seed=1)
+    again = random_model(config, torch.device("cpu"), torch.bfloat16, seed=1)
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)  # seeded
 
 

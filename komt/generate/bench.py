@@ -27,25 +27,7 @@ from typing import Sequence
 import torch
 
 from komt.errors import KomtError
-
-
-def build_random_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A Transformer of `config` with random weights (N(0, 0.02), norms 1), allocated once on `device`."""
-    from komt.model.transformer import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config).to(dtype)
-    model.to_empty(device=device)  # storage straight on the target device: no fp32 or CPU copy first
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty made them two tensors
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-    return model.eval().requires_grad_(False)
+from komt.model.checkpoint import random_model
 
 
 def _peak_memory(device: torch.device) -> str:
@@ -165,7 +147,7 @@ def _bench(args: argparse.Namespace) -> int:
         name = args.preset or "smollm2-135m"
         overrides = {} if args.window is None else {"sliding_window": args.window}
         config = preset(name, **overrides)
-        model = build_random_model(config, device, dtype, args.seed)
+        model = random_model(config, device, dtype, args.seed)
         model.set_kernels(choose_kernels(device, args.kernels))
         source = f"{name} (random weights)"
     config = model.config

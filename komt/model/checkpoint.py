@@ -124,6 +124,26 @@ def build_empty_model(config: ModelConfig) -> Transformer:
         return Transformer(config)
 
 
+def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
+    """A model of `config` with random weights (N(0, 0.02), norms 1), for benchmarks and tests.
+
+    Built on the meta device and allocated once, straight on `device` in `dtype`, so the 7B shape never
+    exists twice (no fp32 or CPU copy first). Frozen (requires_grad False) and in eval mode, like a loaded one.
+    """
+    model = build_empty_model(config).to(dtype)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty made them two tensors
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return model.eval().requires_grad_(False)
+
+
 def load_weights(
     model: Transformer,
     shards: list[Path],

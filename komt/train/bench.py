@@ -22,26 +22,13 @@ import torch
 
 from komt.errors import KomtError
 from komt.model import PRESETS, Transformer, preset
+from komt.model.checkpoint import random_model
 from komt.model.lora import LoRAConfig, count_parameters, inject_lora
 from komt.train.config import TrainConfig
 from komt.train.data import Example
 from komt.train.distributed import DistContext, choose_device
 from komt.train.schedule import cosine_with_warmup
 from komt.train.trainer import enable_activation_checkpointing, resolve_dtype, train_step
-
-
-def random_model(name: str, device: torch.device, dtype: torch.dtype, layers: int | None = None) -> Transformer:
-    """A preset's shape with N(0, 0.02) weights, allocated directly on `device` in `dtype` (no fp32 detour)."""
-    config = preset(name, **({"num_hidden_layers": layers} if layers else {}))
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to(dtype).to_empty(device=device)
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            param.fill_(1.0) if pname.endswith("norm.weight") else param.normal_(0.0, 0.02)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
 
 
 def peak_memory_reset(device: torch.device) -> None:
@@ -103,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    model = random_model(args.preset, device, dtype, args.layers)
+    model = random_model(preset(args.preset, **({"num_hidden_layers": args.layers} if args.layers else {})),
+                         device, dtype)
     inject_lora(model, LoRAConfig(r=args.lora_r), lora_dtype=torch.float32)
     if args.grad_checkpointing:
         enable_activation_checkpointing(model)
