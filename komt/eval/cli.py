@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from komt.errors import DataError, KomtError
+from komt.generate.cli import default_device
 from komt.eval.answers import (
     MODEL_CARD_MAX_NEW_TOKENS,
     MODEL_CARD_SAMPLING,
@@ -115,7 +116,7 @@ def run_evaluation(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                 raise DataError(f"{args.answers}: no answer for question id(s) {', '.join(map(str, missing))}")
             answer = file_answerer(answers, args.answers)
         else:
-            device = args.device or _default_device()
+            device = args.device or default_device()
             answerer = load_model_answerer(
                 args.model, args.adapter, args.tokenizer, device, args.dtype, max_new_tokens=args.max_new_tokens,
                 seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -142,19 +143,13 @@ def _api_key(env_name: str | None) -> str | None:
     return key
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run_perplexity(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.model:
         parser.error("--perplexity needs --model")
     import komt
     from komt.eval.perplexity import file_examples, perplexity
 
-    model = komt.load_model(args.model, device=args.device or _default_device(), dtype=args.dtype,
+    model = komt.load_model(args.model, device=args.device or default_device(), dtype=args.dtype,
                             adapter=args.adapter)
     tokenizer = komt.load_tokenizer(args.tokenizer or getattr(model, "source_path", args.model))
     max_len = args.max_length or min(model.config.max_position_embeddings, DEFAULT_PPL_MAX_LEN)
