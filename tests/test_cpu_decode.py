@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from komt.generate.cpu_decode import SplitGEMVLinear, use_split_gemv
+from komt.generate.cpu_decode import FusedGEMV, SplitGEMVLinear, use_split_gemv
 from komt.model import Transformer, preset
 
 
@@ -64,4 +64,62 @@ def test_lora_layers_are_left_alone():
     use_split_gemv(model, threads=2)
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, LoRALinear) and type(q.lora_A) is nn.Linear and type(q.lora_B) is nn.Linear
+    assert model.model.layers[0].self_attn.fused_qkv is None  # a LoRA q_proj: q/k/v stay separate
     assert isinstance(model.model.layers[0].self_attn.k_proj, SplitGEMVLinear)
+    assert isinstance(model.model.layers[0].mlp.fused_gate_up, FusedGEMV)
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return Transformer(preset("smollm2-135m", num_hidden_layers=2, vocab_size=512)).eval().requires_grad_(False)
+
+
+def test_fused_projections_equal_the_separate_ones_and_share_one_matrix():
+    model = _small_model()
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    weights = {n: getattr(attn, n).weight.clone() for n in ("q_proj", "k_proj", "v_proj")}
+    weights |= {n: getattr(mlp, n).weight.clone() for n in ("gate_proj", "up_proj")}
+    use_split_gemv(model, threads=2)
+    assert isinstance(attn.fused_qkv, FusedGEMV) and isinstance(mlp.fused_gate_up, FusedGEMV)
+    storage = attn.q_proj.weight.untyped_storage().data_ptr()
+    assert all(getattr(attn, n).weight.untyped_storage().data_ptr() == storage for n in ("k_proj", "v_proj"))
+    for shape in [(1, 1, 576), (576,), (2, 3, 576)]:  # one row: the fused product; more: one by one
+        x = torch.randn(shape)
+        for fused, names in ((attn.fused_qkv, ("q_proj", "k_proj", "v_proj")), (mlp.fused_gate_up, ("gate_proj", "up_proj"))):
+            outs = fused(x)
+            assert len(outs) == len(names)
+            for out, name in zip(outs, names):
+                torch.testing.assert_close(out, x @ weights[name].T, atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_layer_swapped_in_after_fusing_is_not_bypassed():
+    from komt.model.lora import LoRAConfig, inject_lora
+
+    model = _small_model()
+    use_split_gemv(model, threads=2)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, targets=("k_proj",)))
+    attn = model.model.layers[0].self_attn
+    torch.nn.init.normal_(attn.k_proj.lora_B.weight)  # a non-zero update
+    x = torch.randn(1, 1, 576)
+    with torch.no_grad():
+        _, k, _ = attn.fused_qkv(x)
+        torch.testing.assert_close(k, attn.k_proj(x))
+        assert not torch.allclose(k, x @ attn.k_proj.weight.T)
+
+
+def test_a_replaced_weight_is_used_not_the_fused_copy():
+    model = _small_model()
+    use_split_gemv(model, threads=2)
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj.weight = nn.Parameter(torch.randn(1536, 576), requires_grad=False)
+    x = torch.randn(1, 576)
+    torch.testing.assert_close(mlp.fused_gate_up(x)[1], x @ mlp.up_proj.weight.T, atol=1e-4, rtol=1e-4)
+
+
+def test_fusing_twice_changes_nothing():
+    model = _small_model()
+    assert use_split_gemv(model, threads=2) == 2 * 7 + 1
+    fused = model.model.layers[0].self_attn.fused_qkv
+    assert use_split_gemv(model, threads=2) == 2 * 7 + 1
+    assert model.model.layers[0].self_attn.fused_qkv is fused
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear

@@ -143,7 +143,7 @@ def compiled_decode_step(mode: str = "default") -> Callable[..., torch.Tensor]:
 
 def mark_static(cache: KVCache) -> None:
     """Tell torch.compile the cache buffers keep their addresses (required to capture CUDA graphs)."""
-    for buffer in (cache.k, cache.v, cache.slot_positions):
+    for buffer in (*cache.k, *cache.v, cache.slot_positions):
         torch._dynamo.mark_static_address(buffer)
 
 

@@ -113,23 +113,29 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.n_kv_heads * D, bias=False)
         self.v_proj = nn.Linear(hidden, self.n_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(self.n_heads * D, hidden, bias=False)
+        # Optional: q, k and v in one product (komt.generate.cpu_decode sets it for CPU decoding).
+        self.fused_qkv: nn.Module | None = None
 
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        signed_sin: torch.Tensor,
         ctx: AttentionContext,
         cache=None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         D = self.head_dim
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # (B, T, H*D) -> (B, T, H, D) -> (B, H, T, D)
-        q = self.q_proj(x).view(B, T, self.n_heads, D).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q = q.view(B, T, self.n_heads, D).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, D).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, D).transpose(1, 2)
+        q = apply_rope(q, cos, signed_sin)
+        k = apply_rope(k, cos, signed_sin)
         if cache is not None:
             # The cache stores the rotated keys and returns its whole buffer: (B, Hkv, S, D).
             k, v = cache.update(self.layer_idx, k, v)

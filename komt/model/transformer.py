@@ -28,8 +28,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Statistics in fp32 (bf16 sums over 4096 elements lose about 3 digits); the normalised value is cast
     back to x's dtype before the weight multiplies it, exactly as the reference does, so bf16 logits match.
     """
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # x32 * rsqrt(mean(x32^2) + eps), one call
     return weight * normed.to(x.dtype)
 
 
@@ -56,9 +55,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        # Optional: gate and up in one product (komt.generate.cpu_decode sets it for CPU decoding).
+        self.fused_gate_up: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -71,8 +76,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, ctx: AttentionContext, cache=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache)
+    def forward(self, x, cos, signed_sin, ctx: AttentionContext, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, ctx, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -127,11 +132,11 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, signed_sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         key_positions = cache.prepare(positions) if cache is not None else None
         ctx = AttentionContext.build(positions, key_positions, self.config.sliding_window, self.kernels)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx, cache)
+            x = layer(x, cos, signed_sin, ctx, cache)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
