@@ -204,3 +204,11 @@ def test_compiled_decode_on_cuda_generates_the_same_tokens(mode):
     assert generate(model, prompt, max_new_tokens=24, compile_mode=mode) == want
     shorter = prompt[:4]  # another length reuses the compiled step
     assert generate(model, shorter, max_new_tokens=24, compile_mode=mode) == generate(model, shorter, max_new_tokens=24)
+
+
+def test_decode_speed_leaves_out_the_step_that_compiles():
+    stats = GenerationStats(prompt_tokens=4, new_tokens=12, start=0.0, first_token_at=1.0, end=13.0)
+    assert stats.decode_tokens_per_s == pytest.approx(11 / 12)
+    stats.first_step_s = 10.0  # the first decode step compiled: 10 s; the other 10 steps took 2 s
+    assert stats.decode_tokens_per_s == pytest.approx(10 / 2)
+    assert stats.summary().endswith("decode 5.0 tok/s, compiling 10.0 s")

@@ -43,6 +43,9 @@ class GenerationStats:
     start: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     end: float | None = None
+    # A compiled generation's first decode step, which compiles it (or finds it compiled): kept out of
+    # the decode speed, so that the line shows the speed of the steps after it.
+    first_step_s: float | None = None
 
     @property
     def time_to_first_token(self) -> float:
@@ -55,15 +58,19 @@ class GenerationStats:
     @property
     def decode_tokens_per_s(self) -> float:
         """New tokens after the first, over the time after the first (the first comes from prefill)."""
-        if self.new_tokens < 2 or self.end is None or self.first_token_at is None:
+        steps, elapsed = self.new_tokens - 1, (self.end or 0.0) - (self.first_token_at or 0.0)
+        if self.first_step_s is not None:
+            steps, elapsed = steps - 1, elapsed - self.first_step_s
+        if steps < 1 or self.end is None or self.first_token_at is None:
             return 0.0
-        return (self.new_tokens - 1) / max(self.end - self.first_token_at, 1e-9)
+        return steps / max(elapsed, 1e-9)
 
     def summary(self) -> str:
         """One line for humans: prompt and new tokens, time to first token, prefill and decode speed."""
         return (f"prompt {self.prompt_tokens} tokens, {self.new_tokens} new tokens, "
                 f"first token {self.time_to_first_token:.3f} s, prefill {self.prefill_tokens_per_s:.1f} tok/s, "
-                f"decode {self.decode_tokens_per_s:.1f} tok/s")
+                f"decode {self.decode_tokens_per_s:.1f} tok/s"
+                + (f", compiling {self.first_step_s:.1f} s" if (self.first_step_s or 0) >= 0.1 else ""))
 
 
 def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -209,10 +216,6 @@ def stream_generate(
     static = compile_mode is not None
     cache = new_cache(model, 1, len(prompt_ids), max_new_tokens, static=static)
     step = decode_step
-    if static:
-        step = compiled_decode_step(compile_mode)
-        if compile_mode in CUDA_GRAPH_MODES:
-            mark_static(cache)
     try:
         logits = prefill(model, cache, ids)
         position = len(prompt_ids)
@@ -231,8 +234,15 @@ def stream_generate(
                 break
             if seen is not None:
                 seen[0, token_id] = True
+            step_start = time.perf_counter()
+            if static and i == 0:  # set up here, after the first token: importing torch.compile takes ~1 s
+                step = compiled_decode_step(compile_mode)
+                if compile_mode in CUDA_GRAPH_MODES:
+                    mark_static(cache)
             with torch.inference_mode():
                 logits = step(model, cache, token, torch.tensor([position], device=device))
+            if static and i == 0:
+                stats.first_step_s = time.perf_counter() - step_start
             position += 1
     finally:  # also when the consumer stops early (a stop string) and closes this generator
         stats.end = time.perf_counter()
