@@ -81,11 +81,14 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from komt import load_model, load_tokenizer
+    from komt.generate.cpu_decode import use_split_gemv
     from komt.serve.engine import Engine
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device, dtype=args.dtype, adapter=args.adapter)
+    if model.lm_head.weight.device.type == "cpu":
+        use_split_gemv(model)  # a lone request's decode steps (one row) on all cores; batches are GEMMs already
     tokenizer = load_tokenizer(args.tokenizer or model.source_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
