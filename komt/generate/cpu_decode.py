@@ -154,7 +154,8 @@ class FusedGEMV(nn.Module):
             x.numel() != self.in_features
             or x.dtype != self._matrix.dtype
             or x.requires_grad
-            or not (torch.compiler.is_compiling() or self._still_fused())  # (compiled: guarded by Dynamo)
+            # Compiled code skips this check (Dynamo cannot trace data_ptr): swap modules before compiling.
+            or not (torch.compiler.is_compiling() or self._still_fused())
         ):
             return tuple(self._owned[name](x) for name in self._names)
         out = block_gemv(x, self._blocks)  # (sum O,): the projections' outputs one after the other
