@@ -7,6 +7,7 @@ so `import kernels` (and `kernels.reference`) works where triton is not installe
     kernels.attention(q, k, v, *, causal, window, scale, q_pos, k_pos)
                                                        FlashAttention-2 prefill / flash-decoding (T == 1)
     kernels.reference                                  the same math in PyTorch (+ attention_mask)
+    kernels.ops                                        both kernels as custom ops, for torch.compile
     kernels.triton_available()                         can the kernels run on CUDA tensors here?
 
 The kernels take CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, as the tests do) and raise
@@ -19,6 +20,7 @@ import importlib.util
 
 import torch
 
+from kernels import ops  # registers the custom ops that compiled code calls (needs torch only)
 from kernels.reference import attention_mask, attention_reference, rms_norm_reference
 
 __all__ = [
@@ -47,6 +49,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     before the multiply by weight (Hugging Face's LlamaRMSNorm), and the product rounded to x's dtype.
     Differentiable in x and weight (Triton backward). Reference: `kernels.reference.rms_norm_reference`.
     """
+    if torch.compiler.is_compiling() and not _needs_grad(x, weight):
+        return ops.rms_norm_op(x, weight, eps)  # opaque to torch.compile (see kernels.ops)
     from kernels.fused_rms_norm import rms_norm_triton
 
     return rms_norm_triton(x, weight, eps)
@@ -72,6 +76,12 @@ def attention(
     Head dims: powers of two 16..256. Differentiable (backward recomputes with the reference; see
     `kernels.attention_api`). Reference: `kernels.reference.attention_reference`.
     """
+    if torch.compiler.is_compiling() and not _needs_grad(q, k, v):
+        return ops.attention_op(q, k, v, causal, window, scale, q_pos, k_pos)  # opaque (see kernels.ops)
     from kernels.attention_api import attention_triton
 
     return attention_triton(q, k, v, causal=causal, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
