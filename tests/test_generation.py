@@ -196,9 +196,10 @@ def test_compiled_decode_step_generates_the_same_tokens(mistral):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_decode_on_cuda_generates_the_same_tokens(mode):
-    model = komt.load_model(FIXTURES / "tiny-mistral", device="cuda", kernels="torch")
+def test_compiled_decode_on_cuda_generates_the_same_tokens(mode, kernels):
+    model = komt.load_model(FIXTURES / "tiny-mistral", device="cuda", kernels=kernels)
     prompt = [1, 17, 300, 42, 9]
     want = generate(model, prompt, max_new_tokens=24)
     assert generate(model, prompt, max_new_tokens=24, compile_mode=mode) == want
