@@ -30,3 +30,5 @@ want decode && run 300 "komt decode, 7B shape, bf16, torch kernels, CUDA graphs"
 want train && run 240 "komt LoRA step, 7B shape, bf16, seq 1024" \
     python -m komt.train.bench --preset komt-mistral-7b --seq-len 1024 --device cuda
 want kernels && run 240 "kernels: decode attention over long caches" python -m kernels.bench --kernel decode --quick
+want kernels && run 240 "kernels: attention forward + backward" python -m kernels.bench --kernel backward --quick
+want kernels && run 300 "kernels: CUDA tests" python -m pytest -q -m cuda tests/

@@ -73,8 +73,9 @@ def attention(
     prefill on a cache, and decode. With q_pos [B, T] and k_pos [B, S] (integer; k_pos < 0 = empty slot)
     positions are explicit. Key j is visible to query i iff j >= 0, j <= i (causal) and j > i - window.
     scale defaults to D ** -0.5; a row with no visible key returns zeros. T == 1 uses flash-decoding.
-    Head dims: powers of two 16..256. Differentiable (backward recomputes with the reference; see
-    `kernels.attention_api`). Reference: `kernels.reference.attention_reference`.
+    Head dims: powers of two 16..256. Differentiable: a Triton backward (`kernels.flash_attention_bwd`)
+    that recomputes the probabilities from each row's saved log-sum-exp. Reference:
+    `kernels.reference.attention_reference`.
     """
     if torch.compiler.is_compiling() and not _needs_grad(q, k, v):
         return ops.attention_op(q, k, v, causal, window, scale, q_pos, k_pos)  # opaque (see kernels.ops)

@@ -4,10 +4,10 @@ T == 1 (a decode step) runs flash-decoding (`kernels.flash_decoding`); any other
 FlashAttention-2 prefill kernel (`kernels.flash_attention`). Both compute exactly
 `kernels.reference.attention_reference`.
 
-Gradients: the Triton kernels are forward-only. When q, k or v require grad, the forward still runs in
-Triton and the backward recomputes the attention with the reference math under autograd. That is exact
-but takes O(B * Hq * T * S) memory in the backward, fine for LoRA fine-tuning at a few thousand tokens;
-a fused backward kernel is future work.
+Gradients: when q, k or v require grad, the forward runs the prefill kernel (for any T, one row
+included) and saves each row's log-sum-exp; the backward runs the Triton backward kernels
+(`kernels.flash_attention_bwd`), which recompute the probabilities block by block, so training memory
+stays O(T) per head, never O(T * S).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from kernels.flash_attention import flash_attention
+from kernels.flash_attention_bwd import flash_attention_backward
 from kernels.flash_decoding import flash_decoding
-from kernels.reference import attention_reference
 
 
 def attention_forward(q, k, v, causal, window, scale, q_pos, k_pos) -> torch.Tensor:
@@ -26,24 +26,23 @@ def attention_forward(q, k, v, causal, window, scale, q_pos, k_pos) -> torch.Ten
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Triton forward; the backward differentiates `attention_reference` on the saved inputs."""
+    """Triton forward that keeps each row's log-sum-exp, and the Triton backward that uses it."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, window, scale, q_pos, k_pos):
-        ctx.save_for_backward(q, k, v)
-        ctx.options = dict(causal=causal, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos)
-        return attention_forward(q, k, v, causal, window, scale, q_pos, k_pos)
+        out, lse = flash_attention(
+            q, k, v, causal=causal, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos, return_lse=True
+        )
+        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos)
+        ctx.options = dict(causal=causal, window=window, scale=scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(need) for t, need in zip((q, k, v), ctx.needs_input_grad[:3])]
-            out = attention_reference(*inputs, **ctx.options)
-            wanted = [t for t in inputs if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        dq, dk, dv = (next(grads) if t.requires_grad else None for t in inputs)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, out, lse, q_pos, k_pos = ctx.saved_tensors
+        dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, q_pos=q_pos, k_pos=k_pos, **ctx.options)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        return (dq if need_q else None), (dk if need_k else None), (dv if need_v else None), None, None, None, None, None
 
 
 def attention_triton(

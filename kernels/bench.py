@@ -137,6 +137,38 @@ def bench_window(peaks, quick: bool) -> list[dict]:
     return results
 
 
+def bench_backward(peaks, quick: bool) -> list[dict]:
+    """Forward + backward of causal attention (what a training step pays), against SDPA's flash backend."""
+    import kernels
+    from kernels._peaks import time_ms
+
+    rows, results = [], []
+    shapes = [PREFILL_SHAPES[1]] if quick else PREFILL_SHAPES[:3]
+    for B, Hq, Hkv, T, D in shapes:
+        q = torch.randn(B, Hq, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        dout = torch.randn_like(q)
+
+        def triton_step():
+            grads = torch.autograd.grad(kernels.attention(q, k, v), (q, k, v), dout)
+            return grads
+
+        def sdpa_step():  # K/V repeated per query head inside the step, as a GQA model must do for it
+            ke, ve = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
+            return torch.autograd.grad(_sdpa_flash(q, ke, ve), (q, k, v), dout)
+
+        ms = time_ms(triton_step)
+        sdpa = _try_time(sdpa_step)
+        tflops = 4 * 3.5 * D * visible_pairs(T, T, True, None) * B * Hq / ms / 1e9  # fwd 2 dots, bwd 5: 3.5x fwd
+        rows.append([f"B{B} H{Hq}/{Hkv} T{T} D{D}", _fmt(ms), f"{tflops:.0f}", f"{100 * tflops / peaks.matmul_tflops:.0f}%",
+                     _fmt(sdpa), "-" if sdpa is None else f"{sdpa / ms:.2f}x"])
+        results.append(dict(kernel="fwd+bwd", shape=f"T{T} D{D}", triton=ms, baseline=sdpa))
+        del q, k, v, dout
+    _print_table("Causal attention forward + backward, bf16 (TFLOP/s counts 7 dots of 2*D flops per visible pair)",
+                 ["shape", "triton ms", "TFLOP/s", "% mm peak", "sdpa flash ms", "vs sdpa"], rows)
+    return results
+
+
 def bench_decode(peaks, quick: bool) -> list[dict]:
     import kernels
     from kernels._peaks import host_us, time_graph_ms, time_ms
@@ -196,7 +228,7 @@ def plot(results: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=["rms_norm", "attention", "decode", "all"], default="all")
+    parser.add_argument("--kernel", choices=["rms_norm", "attention", "backward", "decode", "all"], default="all")
     parser.add_argument("--plot", metavar="FILE.png", help="also save a speedup chart (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--tune", action="store_true", help="sweep block sizes first and print the best (slow)")
@@ -220,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel in ("attention", "all"):
         results += bench_prefill(peaks, args.quick)
         results += bench_window(peaks, args.quick)
+    if args.kernel in ("backward", "all"):
+        results += bench_backward(peaks, args.quick)
     if args.kernel in ("decode", "all"):
         results += bench_decode(peaks, args.quick)
     if args.plot:

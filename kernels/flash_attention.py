@@ -105,6 +105,7 @@ def _attend_blocks(
 @triton.jit
 def _flash_attention_kernel(
     Q, K, V, O,  # *q [B, Hq, T, D], *k / *v [B, Hkv, S, D], *o [B, Hq, T, D]; unit stride along D
+    LSE,  # *fp32 [B, Hq, T]: each row's log2-sum-exp2 of its scores, for the backward (when STORE_LSE)
     QPOS, KPOS,  # *int32 q_pos [B, T], k_pos [B, S] (dummies unless HAS_POS)
     stride_qb, stride_qh, stride_qt,  # strides of q
     stride_kb, stride_kh, stride_ks,  # strides of k
@@ -123,6 +124,7 @@ def _flash_attention_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_POS: tl.constexpr,
     EXACT_DOT: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     # Heaviest query blocks (the last rows see the most keys) start first: a shorter tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -185,6 +187,9 @@ def _flash_attention_kernel(
     out = acc / l_safe[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    if STORE_LSE:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # -inf: the row saw no key
+        tl.store(LSE + (b * n_heads + h) * T + offs_m, lse, mask=offs_m < T)
 
 
 def launch_config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -232,18 +237,22 @@ def flash_attention(
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
     config: dict | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Run the prefill kernel for any T: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D] in q's dtype.
 
     `config` overrides `launch_config` (BLOCK_M, BLOCK_N, num_warps, num_stages); the benchmark tunes with it.
+    With `return_lse`, returns (out, lse): lse [B, Hq, T] fp32, each row's log2-sum-exp2 of its scores
+    times scale * log2(e) (-inf for a row with no visible key), which the backward kernels need.
     """
     device = check_attention_inputs(q, k, v, window, q_pos, k_pos, "flash_attention")
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else float(scale)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full((B, Hq, T), float("-inf"), dtype=torch.float32, device=device) if return_lse else out
     if out.numel() == 0:
-        return out
+        return (out, lse) if return_lse else out
     if q_pos is not None:
         qp, kp = q_pos.to(torch.int32), k_pos.to(torch.int32)
     else:
@@ -252,7 +261,7 @@ def flash_attention(
     block_m = cfg.pop("BLOCK_M")
     grid = (cdiv(T, block_m), B * Hq)
     _flash_attention_kernel[grid](
-        q, k, v, out, qp, kp,
+        q, k, v, out, lse, qp, kp,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -260,6 +269,6 @@ def flash_attention(
         qp.stride(0), qp.stride(-1), kp.stride(0), kp.stride(-1),
         T, S, Hq, Hq // Hkv, scale * LOG2E, window or 0,
         D=D, BLOCK_M=block_m, CAUSAL=causal, HAS_WINDOW=window is not None, HAS_POS=q_pos is not None,
-        EXACT_DOT=q.dtype == torch.float32 or interpreting(), **cfg,
+        EXACT_DOT=q.dtype == torch.float32 or interpreting(), STORE_LSE=return_lse, **cfg,
     )
-    return out
+    return (out, lse) if return_lse else out

@@ -172,18 +172,82 @@ def test_custom_scale_and_strided_inputs():
     _close(out, attention_reference(q, k, v, scale=0.05, window=7), torch.float32)
 
 
-@pytest.mark.parametrize("T", [1, 9])
-def test_gradients_flow_through_the_reference_backward(T):
-    q, k, v = _qkv(1, 4, 2, T, 12, 64, torch.float32, seed=9)
-    dout = torch.randn(1, 4, T, 64, device=DEVICE)
+GRAD_CASES = [
+    # B, Hq, Hkv, T, S, D, window, causal, dtype
+    (1, 4, 2, 9, 12, 64, 5, True, torch.float32),  # GQA 2, queries on a cache, window < T
+    (2, 4, 4, 21, 21, 16, None, True, torch.float32),  # GQA 1, T == S, ragged blocks
+    (1, 8, 2, 19, 33, 32, 7, True, torch.float32),  # GQA 4, window < T < S: blocks skipped both ways
+    (1, 2, 1, 17, 17, 16, None, False, torch.float32),  # not causal
+    (1, 2, 2, 18, 18, 16, 6, False, torch.float32),  # window reaching into the future
+    (1, 4, 2, 1, 20, 64, None, True, torch.float32),  # one query row (a decode step with grad)
+    (1, 4, 2, 20, 20, 128, None, True, torch.float32),  # D 128
+    (1, 4, 2, 17, 17, 64, 6, True, torch.bfloat16),
+]
 
-    def grads(fn):
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        fn(*leaves, window=5).backward(dout)
-        return [t.grad for t in leaves]
 
-    for got, want in zip(grads(kernels.attention), grads(attention_reference)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+def _grads(fn, q, k, v, dout, **options):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    fn(*leaves, **options).backward(dout)
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, T, S, D, window, causal, dtype", GRAD_CASES)
+def test_triton_backward_matches_reference_autograd(B, Hq, Hkv, T, S, D, window, causal, dtype):
+    q, k, v = _qkv(B, Hq, Hkv, T, S, D, dtype, seed=9)
+    dout = torch.randn(B, Hq, T, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    options = dict(window=window, causal=causal)
+    want = _grads(attention_reference, *(t.float() for t in (q, k, v)), dout.float(), **options)
+    got = _grads(kernels.attention, q, k, v, dout, **options)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g.float(), w, atol=tol, rtol=tol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 8, 15, 16, 17, 32])
+def test_triton_backward_over_window_sizes_at_block_edges(window):
+    """Windows around the 16-slot block size: the band's first and last blocks are skipped exactly."""
+    q, k, v = _qkv(1, 2, 1, 33, 34, 16, torch.float32, seed=window)  # S - T = 1: bounds land on block edges
+    dout = torch.randn(1, 2, 33, 16).to(DEVICE)
+    for causal in (True, False):
+        got = _grads(kernels.attention, q, k, v, dout, window=window, causal=causal)
+        want = _grads(attention_reference, q, k, v, dout, window=window, causal=causal)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_backward_with_rolling_buffer_positions():
+    """Unordered slots, an empty slot and a window: the backward masks by position like the forward."""
+    q, k, v = _qkv(2, 4, 2, 5, 12, 32, torch.float32, seed=3)
+    k_pos = torch.stack([_rolling_positions(15, 12), _rolling_positions(7, 12)]).to(DEVICE)  # row 1: 5 empty slots
+    q_pos = torch.stack([torch.arange(10, 15), torch.arange(2, 7)]).to(DEVICE)
+    dout = torch.randn(2, 4, 5, 32).to(DEVICE)
+    options = dict(window=8, q_pos=q_pos, k_pos=k_pos)
+    for g, w in zip(_grads(kernels.attention, q, k, v, dout, **options),
+                    _grads(attention_reference, q, k, v, dout, **options)):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_a_row_with_no_visible_key_gets_zero_gradients():
+    q, k, v = _qkv(1, 2, 1, 3, 6, 16, torch.float32, seed=4)
+    k_pos = torch.tensor([[-1, -1, -1, 3, 4, 5]], device=DEVICE)
+    q_pos = torch.tensor([[0, 4, 5]], device=DEVICE)  # query 0 sees nothing: keys start at position 3
+    dout = torch.ones(1, 2, 3, 16, device=DEVICE)
+    dq, dk, dv = _grads(kernels.attention, q, k, v, dout, q_pos=q_pos, k_pos=k_pos)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    assert (dq[:, :, 0] == 0).all() and (dk[:, :, :3] == 0).all() and (dv[:, :, :3] == 0).all()
+    want = _grads(attention_reference, q, k, v, dout, q_pos=q_pos, k_pos=k_pos)
+    for g, w in zip((dq, dk, dv), want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_forward_log_sum_exp_matches_the_scores():
+    q, k, v = _qkv(1, 2, 1, 7, 9, 16, torch.float32, seed=5)
+    _, lse = flash_attention(q, k, v, window=4, return_lse=True)
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 16**-0.5  # (B, Hq, T, S)
+    visible = kernels.attention_mask(7, 9, window=4)
+    want = torch.where(visible, scores, float("-inf")).logsumexp(-1) * 1.4426950408889634  # log2 domain
+    torch.testing.assert_close(lse, want, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs_raise_value_errors_naming_shapes():
@@ -240,6 +304,17 @@ def test_cuda_prefill_real_sizes(B, Hq, Hkv, T, S, D, window, dtype):
 def test_cuda_decode_real_sizes(B, Hq, Hkv, S, D, window, dtype):
     q, k, v = _qkv(B, Hq, Hkv, 1, S, D, dtype, device="cuda")
     _close(kernels.attention(q, k, v, window=window), attention_reference(q, k, v, window=window), dtype)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,window", [(1, 32, 8, 1024, 128, None), (2, 8, 2, 777, 64, 256)])
+def test_cuda_backward_real_sizes(B, Hq, Hkv, T, D, window):
+    q, k, v = _qkv(B, Hq, Hkv, T, T, D, torch.bfloat16, device="cuda")
+    dout = torch.randn(B, Hq, T, D, device="cuda", dtype=torch.bfloat16)
+    want = _grads(attention_reference, *(t.float() for t in (q, k, v)), dout.float(), window=window)
+    for g, w in zip(_grads(kernels.attention, q, k, v, dout, window=window), want):
+        torch.testing.assert_close(g.float(), w, atol=5e-2, rtol=5e-2)
 
 
 @cuda

@@ -83,8 +83,9 @@ class AttentionContext:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over the visible keys: q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, H, T, D].
 
-    The Triton kernels are forward-only, so when gradients are needed (LoRA training) attention takes
-    PyTorch's SDPA, whose CUDA backends have a fused backward pass.
+    When gradients are needed (LoRA training) attention takes PyTorch's SDPA, whose fused CUDA backward
+    is measured; the Triton kernels' own backward (`kernels.flash_attention_bwd`) is tested but not yet
+    timed on a GPU, so it is not the training path.
     """
     if ctx.backend == "triton" and not (torch.is_grad_enabled() and q.requires_grad):
         import kernels  # only on this path: komt runs without triton installed
