@@ -27,9 +27,11 @@ from komt.errors import GenerationError
 from komt.generate.cache import KVCache
 from komt.generate.sampling import SamplingParams, sample
 
-# A static cache is sized in whole buckets so that a compiled decode step (whose shapes include the
-# cache's) is reused across prompts of different lengths instead of recompiled for each.
-STATIC_CACHE_BUCKET = 512
+# A static cache is sized in buckets so that a compiled decode step (whose shapes include the cache's)
+# is reused across prompts of different lengths instead of recompiled for each. Powers of two from 256:
+# a short answer attends over at most twice the slots it fills, and the whole 32k context needs only
+# eight sizes (torch.compile recompiles a function at most 8 times before falling back to eager).
+STATIC_CACHE_MIN_BUCKET = 256
 # torch.compile modes that capture CUDA graphs (on a CUDA device).
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -88,7 +90,7 @@ def new_cache(model, batch_size: int, prompt_len: int, max_new_tokens: int, stat
     window, context = config.sliding_window, config.max_position_embeddings
     max_positions = prompt_len + max_new_tokens
     if static:
-        max_positions = min(-(-max_positions // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET, context)
+        max_positions = min(max(STATIC_CACHE_MIN_BUCKET, 1 << (max_positions - 1).bit_length()), context)
         chunk = max_positions if window is None else window
     else:
         chunk = prompt_len if window is None else min(window, prompt_len)
