@@ -21,6 +21,7 @@ import importlib.util
 import torch
 
 from kernels import ops  # registers the custom ops that compiled code calls (needs torch only)
+from kernels._launch import needs_grad
 from kernels.reference import attention_mask, attention_reference, rms_norm_reference
 
 __all__ = [
@@ -49,7 +50,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     before the multiply by weight (Hugging Face's LlamaRMSNorm), and the product rounded to x's dtype.
     Differentiable in x and weight (Triton backward). Reference: `kernels.reference.rms_norm_reference`.
     """
-    if torch.compiler.is_compiling() and not _needs_grad(x, weight):
+    if torch.compiler.is_compiling() and not needs_grad(x, weight):
         return ops.rms_norm_op(x, weight, eps)  # opaque to torch.compile (see kernels.ops)
     from kernels.fused_rms_norm import rms_norm_triton
 
@@ -77,12 +78,8 @@ def attention(
     that recomputes the probabilities from each row's saved log-sum-exp. Reference:
     `kernels.reference.attention_reference`.
     """
-    if torch.compiler.is_compiling() and not _needs_grad(q, k, v):
+    if torch.compiler.is_compiling() and not needs_grad(q, k, v):
         return ops.attention_op(q, k, v, causal, window, scale, q_pos, k_pos)  # opaque (see kernels.ops)
     from kernels.attention_api import attention_triton
 
     return attention_triton(q, k, v, causal=causal, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos)
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -33,6 +33,11 @@ def check_device(kernel: str, **tensors: torch.Tensor) -> torch.device:
     )
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """True when autograd will record an op on these tensors: the kernels must then take their backward path."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division on host ints (triton.cdiv is a constexpr function: microseconds per call)."""
     return -(-a // b)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels._launch import needs_grad
 from kernels.flash_attention import flash_attention
 from kernels.flash_attention_bwd import flash_attention_backward
 from kernels.flash_decoding import flash_decoding
@@ -57,6 +58,6 @@ def attention_triton(
     k_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention through the Triton kernels; differentiable in q, k, v (see the module docstring)."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad(q, k, v):
         return AttentionFunction.apply(q, k, v, causal, window, scale, q_pos, k_pos)
     return attention_forward(q, k, v, causal, window, scale, q_pos, k_pos)

@@ -150,8 +150,7 @@ def bench_backward(peaks, quick: bool) -> list[dict]:
         dout = torch.randn_like(q)
 
         def triton_step():
-            grads = torch.autograd.grad(kernels.attention(q, k, v), (q, k, v), dout)
-            return grads
+            return torch.autograd.grad(kernels.attention(q, k, v), (q, k, v), dout)
 
         def sdpa_step():  # K/V repeated per query head inside the step, as a GQA model must do for it
             ke, ve = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))

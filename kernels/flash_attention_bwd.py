@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels._launch import cdiv, interpreting
+from kernels.flash_attention import LOG2E
 
 
 @triton.jit
@@ -255,10 +256,10 @@ def flash_attention_backward(
     lse = lse.contiguous()
     _dkdv_kernel[(cdiv(S, block_n), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, qp, kp, *strides,
-        T, S, Hq, Hkv, Hq // Hkv, scale * 1.4426950408889634, scale, window or 0, **common,
+        T, S, Hq, Hkv, Hq // Hkv, scale * LOG2E, scale, window or 0, **common,
     )
     _dq_kernel[(cdiv(T, block_m), B * Hq)](
         q, k, v, do, lse, delta, dq, qp, kp, *strides,
-        T, S, Hq, Hq // Hkv, scale * 1.4426950408889634, scale, window or 0, **common,
+        T, S, Hq, Hq // Hkv, scale * LOG2E, scale, window or 0, **common,
     )
     return dq, dk, dv

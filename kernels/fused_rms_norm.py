@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import cdiv, check_device, next_power_of_2, sm_count
+from kernels._launch import cdiv, check_device, needs_grad, next_power_of_2, sm_count
 
 MAX_FUSED_BYTES = 65536  # a row must fit one program's registers (the Triton layer-norm tutorial's limit)
 
@@ -166,6 +166,6 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), differentiable in x and weight."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if needs_grad(x, weight):
         return RMSNormFunction.apply(x, weight, eps)
     return rms_norm_forward(x, weight, eps)[0]
