@@ -60,12 +60,12 @@ class GenerationStats:
     @property
     def decode_tokens_per_s(self) -> float:
         """New tokens after the first, over the time after the first (the first comes from prefill)."""
-        steps, elapsed = self.new_tokens - 1, (self.end or 0.0) - (self.first_token_at or 0.0)
+        if self.end is None or self.first_token_at is None:
+            return 0.0
+        steps, elapsed = self.new_tokens - 1, self.end - self.first_token_at
         if self.first_step_s is not None:
             steps, elapsed = steps - 1, elapsed - self.first_step_s
-        if steps < 1 or self.end is None or self.first_token_at is None:
-            return 0.0
-        return steps / max(elapsed, 1e-9)
+        return steps / max(elapsed, 1e-9) if steps >= 1 else 0.0
 
     def summary(self) -> str:
         """One line for humans: prompt and new tokens, time to first token, prefill and decode speed."""
@@ -236,14 +236,15 @@ def stream_generate(
                 break
             if seen is not None:
                 seen[0, token_id] = True
-            step_start = time.perf_counter()
-            if static and i == 0:  # set up here, after the first token: importing torch.compile takes ~1 s
+            compiling = static and i == 0
+            if compiling:  # set up here, after the first token: importing torch.compile takes ~1 s
+                step_start = time.perf_counter()
                 step = compiled_decode_step(compile_mode)
                 if compile_mode in CUDA_GRAPH_MODES:
                     mark_static(cache)
             with torch.inference_mode():
                 logits = step(model, cache, token, torch.tensor([position], device=device))
-            if static and i == 0:
+            if compiling:
                 stats.first_step_s = time.perf_counter() - step_start
             position += 1
     finally:  # also when the consumer stops early (a stop string) and closes this generator
