@@ -152,7 +152,7 @@ def _bench(args: argparse.Namespace) -> int:
         source = f"{name} (random weights)"
     config = model.config
     gemv = "plain"
-    if device.type == "cpu" and args.gemv == "split" and use_split_gemv(model):
+    if args.gemv == "split" and use_split_gemv(model):
         gemv = "split"
     compile_mode = "reduce-overhead" if args.cuda_graphs else "default" if args.compile else None
     n_params = sum(p.numel() for p in model.parameters())

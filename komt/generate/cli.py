@@ -161,8 +161,7 @@ def load_weights(args: argparse.Namespace, folder: Path, stderr: TextIO):
         raise GenerationError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     model = load_model(folder, device=device, dtype=resolve_dtype(args.dtype, device), adapter=args.adapter,
                        kernels=args.kernels, progress=LoadProgress(stderr))
-    if device.type == "cpu":
-        use_split_gemv(model)
+    use_split_gemv(model)  # CPU decoding layouts; a no-op on other devices
     return model
 
 

@@ -87,8 +87,7 @@ def serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device, dtype=args.dtype, adapter=args.adapter)
-    if model.lm_head.weight.device.type == "cpu":
-        use_split_gemv(model)  # a lone request's decode steps (one row) on all cores; batches are GEMMs already
+    use_split_gemv(model)  # on the CPU, a lone request's decode steps use all cores; a no-op elsewhere
     tokenizer = load_tokenizer(args.tokenizer or model.source_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
