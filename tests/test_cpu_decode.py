@@ -30,9 +30,13 @@ def test_new_weights_are_picked_up():
     torch.testing.assert_close(split(x), x @ split.weight.T)
 
 
-def test_swap_keeps_state_dict_and_tied_weights():
+def _small_model():
     torch.manual_seed(0)
-    model = Transformer(preset("smollm2-135m", num_hidden_layers=2, vocab_size=512)).eval().requires_grad_(False)
+    return Transformer(preset("smollm2-135m", num_hidden_layers=2, vocab_size=512)).eval().requires_grad_(False)
+
+
+def test_swap_keeps_state_dict_and_tied_weights():
+    model = _small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 512, (1, 6))
     with torch.no_grad():
@@ -67,11 +71,6 @@ def test_lora_layers_are_left_alone():
     assert model.model.layers[0].self_attn.fused_qkv is None  # a LoRA q_proj: q/k/v stay separate
     assert isinstance(model.model.layers[0].self_attn.k_proj, SplitGEMVLinear)
     assert isinstance(model.model.layers[0].mlp.fused_gate_up, FusedGEMV)
-
-
-def _small_model():
-    torch.manual_seed(0)
-    return Transformer(preset("smollm2-135m", num_hidden_layers=2, vocab_size=512)).eval().requires_grad_(False)
 
 
 def test_fused_projections_equal_the_separate_ones_and_share_one_matrix():

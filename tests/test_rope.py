@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from komt.model.rope import apply_rope, rope_angles, rotate_half
+from komt.model.rope import apply_rope, rope_angles
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate_half: (x1, x2) -> (-x2, x1) on the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

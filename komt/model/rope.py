@@ -31,16 +31,11 @@ def rope_angles(
     return cos.to(dtype)[:, None], signed_sin.to(dtype)[:, None]  # (B, T, D) -> (B, 1, T, D): over heads
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the last dimension: the 90-degree turn of every pair (the reference form)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, H, T, D] by the angles of its positions (cos, signed_sin from `rope_angles`).
 
-    The reference is x * cos + rotate_half(x) * sin. Swapping the halves is a `roll` by D/2, and the sign
+    The reference is x * cos + rotate_half(x) * sin, with rotate_half(x1, x2) = (-x2, x1) (Hugging Face;
+    tests/test_rope.py checks the two agree bit for bit). Swapping the halves is a `roll` by D/2, and the sign
     of rotate_half is folded into `signed_sin` once per forward: (-x2) * sin == x2 * (-sin) exactly, so
     this gives the reference's bits in 4 ops instead of 7 (per layer and per token when decoding).
     """
