@@ -35,6 +35,22 @@ def fixtures() -> Path:
     return FIXTURES
 
 
+# Ids of the real Mistral tokenizer used by the hand-checked prompt and label examples (read off the
+# fixture's chat_multi_turn encoding).
+BOS, EOS = 1, 2
+INST = [733, 16289, 28793]  # "▁[" "INST" "]"
+END_INST = [733, 28748, 16289, 28793]  # "▁[" "/" "INST" "]"
+SPACE, AN, NYEONG, NE = 28705, 30325, [238, 136, 152], 30959  # "▁" "안" <0xEB><0x85><0x95>(녕) "네"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The real Mistral-7B v0.1 tokenizer from tests/fixtures/tokenizer."""
+    from komt.generate.tokenizer import load_tokenizer
+
+    return load_tokenizer(FIXTURES / "tokenizer")
+
+
 def write_checkpoint(model, folder: Path, tokenizer: bool = False) -> Path:
     """Write `model` as a Hugging Face checkpoint folder (config.json + model.safetensors)."""
     from komt.model.safetensors_file import write_safetensors

@@ -15,21 +15,11 @@ from komt.generate.prompt import (
     format_training_example,
     pad_training_example,
 )
-from komt.generate.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizer"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))
 
-# Pieces used by the hand-checked examples (ids read off the fixture's chat_multi_turn):
-BOS, EOS = 1, 2
-INST = [733, 16289, 28793]  # "▁[" "INST" "]"
-END_INST = [733, 28748, 16289, 28793]  # "▁[" "/" "INST" "]"
-SPACE, AN, NYEONG, NE = 28705, 30325, [238, 136, 152], 30959  # "▁" "안" <0xEB><0x85><0x95>(녕) "네"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(FIXTURES)
+from conftest import AN, BOS, END_INST, EOS, INST, NE, NYEONG, SPACE  # hand-checked ids; `tok` fixture there
 
 
 def test_single_prompt_matches_model_card_ids(tok):

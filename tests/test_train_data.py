@@ -14,23 +14,13 @@ import torch.nn.functional as F
 
 from komt.errors import DataError
 from komt.generate.prompt import IGNORE_INDEX
-from komt.generate.tokenizer import load_tokenizer
 from komt.model import Transformer, preset
 from komt.train.batching import collate, count_targets, epoch_batches, micro_batches, split_eval
 from komt.train.data import Example, load_dataset, read_records
 from komt.train.loss import token_loss_sum
 from komt.train.schedule import lr_multiplier
 
-TOKENIZER = Path(__file__).parent / "fixtures" / "tokenizer"
-BOS, EOS = 1, 2
-INST = [733, 16289, 28793]  # "▁[" "INST" "]"
-END_INST = [733, 28748, 16289, 28793]  # "▁[" "/" "INST" "]"
-SPACE, AN, NYEONG, NE = 28705, 30325, [238, 136, 152], 30959  # "▁" "안" <0xEB><0x85><0x95>(녕) "네"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(TOKENIZER)
+from conftest import AN, BOS, END_INST, EOS, INST, NE, NYEONG, SPACE  # hand-checked ids; `tok` fixture there
 
 
 def write_jsonl(path: Path, records) -> Path:
