@@ -51,7 +51,7 @@ def run_once(model, prompts: list[list[int]], new_tokens: int, compile_mode: str
             stamps.append(time.perf_counter())
         intervals = [b - a for a, b in zip(stamps, stamps[1:])]
     else:
-        generate_batch(model, prompts, max_new_tokens=new_tokens, stats=stats)
+        generate_batch(model, prompts, max_new_tokens=new_tokens, stats=stats, compile_mode=compile_mode)
         intervals = []
     tenth = max(1, len(intervals) // 10)
     decode_tokens = stats.new_tokens - len(prompts)  # the first token of each row comes from prefill
