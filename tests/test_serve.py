@@ -32,7 +32,7 @@ from komt import load_model, load_tokenizer
 from komt.generate import generate
 from komt.generate.prompt import format_chat
 from komt.model import Transformer, preset
-from komt.serve import Engine, create_app
+from komt.serve import Engine, create_app, server_config
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -63,13 +63,16 @@ def tokenizer(checkpoint):
 
 
 @contextmanager
-def serving(model, tokenizer, *, max_batch=4, max_queue=16, **app_kwargs):
-    """A uvicorn server in a thread, on a free port of 127.0.0.1, over a fresh Engine; yields (url, engine)."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+def serving(model, tokenizer, *, max_batch=4, max_queue=16, engine_kwargs=None, server_kwargs=None, **app_kwargs):
+    """A uvicorn server in a thread, on a free port of 127.0.0.1, over a fresh Engine; yields (url, engine).
+
+    The server is configured as `python -m komt.serve` configures it (komt.serve.server_config)."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, **(engine_kwargs or {}))
     app = create_app(engine, model_name=MODEL_NAME, **app_kwargs)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(server_config(app, log_level="warning", lifespan="on", graceful=2,
+                                          **(server_kwargs or {})))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -188,7 +191,8 @@ def test_chat_completion_equals_generate(client, model, tokenizer):
     assert choice["message"] == {"role": "assistant", "content": expected}
     assert choice["finish_reason"] == reason
     assert body["usage"] == {"prompt_tokens": len(chat_ids(tokenizer, text)), "completion_tokens": len(ids),
-                             "total_tokens": len(chat_ids(tokenizer, text)) + len(ids)}
+                             "total_tokens": len(chat_ids(tokenizer, text)) + len(ids),
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_completion_endpoint_encodes_raw_prompt_with_bos(client, model, tokenizer):
@@ -223,8 +227,11 @@ def test_streamed_chunks_reassemble_to_the_non_streamed_answer(client):
     assert len([p for p in pieces if p]) > 1  # it really streamed
     last, usage_chunk = events[-2], events[-1]
     assert last["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
-    assert last["usage"] == full["usage"]
-    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
+    # The same prompt a second time: its full KV blocks come from the prefix cache (16 tokens a block, the
+    # last prompt token always recomputed).
+    prompt_tokens = full["usage"]["prompt_tokens"]
+    assert last["usage"] == {**full["usage"], "prompt_tokens_details": {"cached_tokens": (prompt_tokens - 1) // 16 * 16}}
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == last["usage"]
 
 
 def test_streamed_completion_reassembles(client):
@@ -333,7 +340,7 @@ def test_client_disconnect_frees_the_slot(slow_model, tokenizer):
         # A non-streamed request whose client goes away is dropped too.
         raw = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
         payload = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000}).encode()
-        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
         wait_for(lambda: scrape(url)["komt_running_requests"] == 1, 5, "the request to start")
         raw.close()
@@ -417,10 +424,10 @@ class ScriptedModel(torch.nn.Module):
         self.model.embed_tokens = torch.nn.Embedding(1, 1)  # where the engine reads the device and dtype
         self.script, self.start = torch.tensor(script), start
 
-    def forward(self, input_ids, positions=None, cache=None, last_only=False):
+    def forward(self, input_ids, positions=None, cache=None, last_only=False, logits_at=None):
         tokens = self.script[(positions - self.start).clamp(0, len(self.script) - 1)]  # (B, T)
         logits = torch.zeros(*tokens.shape, self.config.vocab_size).scatter_(-1, tokens[..., None], 1.0)
-        return logits[:, -1:] if last_only else logits
+        return logits[:, -1:] if last_only else logits if logits_at is None else logits[:, logits_at]
 
 
 def test_korean_streams_whole_characters_from_byte_tokens(tokenizer, model):
@@ -465,7 +472,12 @@ INVALID = [
     ("content not text", {"messages": [{"role": "user", "content": 7}]}, 400, "messages"),
     ("frequency_penalty", {"messages": MESSAGES, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ("top_p zero", {"messages": MESSAGES, "top_p": 0}, 400, "top_p"),
-    ("n of 2", {"messages": MESSAGES, "n": 2}, 400, "n"),
+    ("n true", {"messages": MESSAGES, "n": True}, 400, "n"),
+    ("n past the limit", {"messages": MESSAGES, "n": 17}, 400, "n"),
+    ("repetition_penalty 1e-300", {"messages": MESSAGES, "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+    ("top_logprobs without logprobs", {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("top_logprobs past 20", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("logprobs not a bool", {"messages": MESSAGES, "logprobs": 1}, 400, "logprobs"),
     ("unknown model", {"messages": MESSAGES, "model": "gpt-4"}, 404, "model"),
 ]
 
@@ -503,7 +515,7 @@ def test_oversized_bodies_get_413(client):
         for _ in range(100):
             yield b"x" * 1024
 
-    response = client.post("/v1/chat/completions", content=chunks())
+    response = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
 

@@ -167,3 +167,15 @@ class StopMatcher:
             if any(s.startswith(tail) for s in self.stop_strings):
                 return k
         return 0
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for on its own ("▁" as a space, a byte piece as its byte, a control piece as
+    nothing): what log-probabilities name a token by. Unlike `StreamDecoder`, no leading space is dropped."""
+    if tokenizer.is_byte(token_id):
+        return bytes([int(tokenizer.id_to_piece(token_id)[3:5], 16)])
+    if tokenizer.is_control(token_id):
+        return b""
+    if tokenizer.is_unknown(token_id):
+        return tokenizer.unk_surface.encode("utf-8")
+    return tokenizer.id_to_piece(token_id).replace(SPACE, " ").encode("utf-8")

@@ -13,6 +13,12 @@ import sys
 from pathlib import Path
 
 from komt.errors import ConfigError, KomtError
+from komt.serve.connections import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_CONNECTIONS,
+)
 
 API_KEY_ENV = "KOMT_API_KEY"
 
@@ -27,17 +33,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="tokenizer.model or its folder (default: the model's folder)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache rows)")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; beyond: HTTP 429")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests running at once")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; beyond: HTTP 429")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per step, prefill chunks and decode tokens together (default 2048 on CUDA, "
+                             "128 on the CPU): smaller keeps running streams smoother while long prompts arrive")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + answer served (default: the model's context)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
+    parser.add_argument("--kv-cache-fraction", type=float, default=None,
+                        help="KV cache size as a fraction of the memory free after loading (default 0.9 on CUDA, "
+                             "0.25 on the CPU, there at most max batch x max model len)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the KV blocks of prompt prefixes seen before (default on)")
+    parser.add_argument("--compile", choices=("default", "reduce-overhead"), default=None,
+                        help="torch.compile the decode step (reduce-overhead: CUDA graphs, one per batch size)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds a request may take, queueing included (0: no limit)")
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", help="fp32, bf16 or fp16 (default: the checkpoint's)")
     parser.add_argument("--model-name", help="the name /v1/models reports (default: the folder name)")
-    parser.add_argument("--prefill-chunk", type=int, default=512,
-                        help="longest prompt piece prefilled at once with a sliding window (sets cache size)")
     parser.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 2 MiB)")
+    parser.add_argument("--allowed-hosts", default=None,
+                        help="comma-separated Host names requests may carry, '*' for any (default: the loopback "
+                             "names, plus --host when it is a specific address; any for 0.0.0.0)")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="open connections at most; beyond: 503 (uvicorn's limit_concurrency)")
+    parser.add_argument("--timeout-keep-alive", type=float, default=DEFAULT_KEEP_ALIVE_S,
+                        help="seconds an idle keep-alive connection stays open")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help="seconds a connection may take to send a request's headers (the body has "
+                             f"{DEFAULT_BODY_TIMEOUT_S:g} s)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return parser
 
@@ -52,8 +80,15 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.timeout < 0:
         raise ConfigError(f"--timeout must be >= 0 seconds (0: no limit), got {args.timeout}")
-    if args.prefill_chunk < 1:
-        raise ConfigError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    for flag in ("max_num_batched_tokens", "max_model_len", "kv_cache_tokens", "block_size", "max_connections"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.kv_cache_fraction is not None and not 0 < args.kv_cache_fraction <= 1:
+        raise ConfigError(f"--kv-cache-fraction must be in (0, 1], got {args.kv_cache_fraction}")
+    for flag in ("timeout_keep_alive", "header_timeout"):
+        if not getattr(args, flag) > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0 seconds, got {getattr(args, flag)}")
     if args.max_body_bytes is not None and args.max_body_bytes < 1024:
         raise ConfigError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
 
@@ -65,6 +100,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def allowed_hosts(host: str, flag: str | None) -> tuple[str, ...] | None:
+    """The Host names to accept (None: any): the flag's list, or the names this bind address is reached by."""
+    from komt.serve.app import LOOPBACK_HOSTS
+
+    if flag is not None:
+        names = tuple(h.strip() for h in flag.split(",") if h.strip())
+        return None if "*" in names else names
+    if host in ("0.0.0.0", "::", ""):
+        return None  # every interface: the names are not known here (an API key is what protects it)
+    return LOOPBACK_HOSTS if is_loopback(host) else (host, *LOOPBACK_HOSTS)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -82,6 +129,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from komt import load_model, load_tokenizer
     from komt.generate.cpu_decode import use_split_gemv
+    from komt.serve.connections import server_config
     from komt.serve.engine import Engine
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -94,15 +142,22 @@ def serve(args: argparse.Namespace) -> int:
                           f"{model.config.vocab_size}; pass the model's own --tokenizer")
     name = args.model_name or Path(model.source_path).name
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    prefill_chunk=args.prefill_chunk)
+                    max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                    kv_cache_tokens=args.kv_cache_tokens, kv_cache_fraction=args.kv_cache_fraction,
+                    max_model_len=args.max_model_len, prefix_caching=args.prefix_caching, compile_mode=args.compile)
     app = create_app(engine, model_name=name, api_key=api_key, timeout=args.timeout or None,
-                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                     allowed_hosts=allowed_hosts(args.host, args.allowed_hosts))
     if not is_loopback(args.host) and not api_key:
         print(f"komt: warning: serving on {args.host} without an API key: anyone who can reach it can use it "
               f"(set --api-key or ${API_KEY_ENV})", file=sys.stderr)
     print(f"komt: serving {name} on {device} at http://{args.host}:{args.port}/ (max batch {args.max_batch}, "
+          f"{engine.chunk} tokens a step, KV cache {engine.blocks.capacity} blocks of {engine.block_size} tokens, "
           f"kernels {model.kernels})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = server_config(app, host=args.host, port=args.port, log_level=args.log_level,
+                           max_connections=args.max_connections, keep_alive=args.timeout_keep_alive,
+                           header_timeout=args.header_timeout)
+    uvicorn.Server(config).run()
     return 0
 
 
