@@ -74,24 +74,28 @@ class Runner:
                 for buffer in (*cache.k, *cache.v):
                     torch._dynamo.mark_static_address(buffer)
 
-    @torch.inference_mode()
     def run(self, step: Step) -> list[tuple[Request, int, TokenLogprob | None]]:
         """Run the step's forward and sample for every request it completes: [(request, token, logprob)]."""
-        scheduled = step.scheduled
-        if not scheduled:
-            return []
-        if all(s.count == 1 for s in scheduled):
-            logits = self._rows(scheduled)
-            sampling = [s for s in scheduled if s.samples]
-            logits = logits[[i for i, s in enumerate(scheduled) if s.samples]] if len(sampling) < len(scheduled) else logits
-        else:
-            sampling = [s for s in scheduled if s.samples]
-            logits = self._packed(scheduled)
+        sampling, logits = self.forward(step)
         if not sampling:
             return []
-        states = [s.request.state for s in sampling]
-        tokens, logprobs = sample_next(logits, states)
+        tokens, logprobs = sample_next(logits, [s.request.state for s in sampling])
         return [(s.request, t, lp) for s, t, lp in zip(sampling, tokens, logprobs)]
+
+    @torch.inference_mode()
+    def forward(self, step: Step) -> tuple[list[Scheduled], torch.Tensor]:
+        """The step's one forward: the scheduled entries that sample, and their next-token logits [n, V]."""
+        scheduled = step.scheduled
+        sampling = [s for s in scheduled if s.samples]
+        if not sampling:  # nothing reaches its end (a prompt's middle chunks): the forward only fills the cache
+            self._packed(scheduled)
+            return [], torch.empty(0)
+        if all(s.count == 1 for s in scheduled):
+            logits = self._rows(scheduled)
+            if len(sampling) < len(scheduled):
+                logits = logits[[i for i, s in enumerate(scheduled) if s.samples]]
+            return sampling, logits
+        return sampling, self._packed(scheduled)
 
     def _rows(self, scheduled: list[Scheduled]) -> torch.Tensor:
         """A decode step: row b = request b's one token, reading its own blocks. Returns logits [B, V]."""

@@ -1,0 +1,95 @@
+"""The block-paged KV cache (komt.generate.paged_cache) as the server's runner drives it: every logit it
+produces, in packed steps (prefill chunks beside decode tokens of other requests) and in row steps
+(decode only), equals a full forward of the same tokens with no cache."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import komt
+from komt.generate.decoding import DecodingState
+from komt.generate.paged_cache import PagedKVCache, bytes_per_token
+from komt.serve.blocks import BlockManager
+from komt.serve.runner import Runner
+from komt.serve.scheduler import Request, Scheduler
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BS = 4
+
+
+@pytest.fixture(scope="module", params=["tiny-mistral", "tiny-llama"])  # window 8 / none
+def model(request):
+    return komt.load_model(FIXTURES / request.param)
+
+
+def _requests(model, prompts, max_new):
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    return [Request(DecodingState(torch.randint(3, V, (n,), generator=g).tolist(), max_new_tokens=max_new,
+                                  vocab_size=V, device="cpu")) for n in prompts]
+
+
+def _drive(model, requests, arrivals, *, n_blocks=64, budget=7, compile_mode=None):
+    """Run requests (request i joins at step arrivals[i]) greedily to the end through the scheduler and the
+    runner; check each sampled position's logits against a full forward. Returns (packed, rows) step counts."""
+    blocks = BlockManager(n_blocks, BS, model.config.sliding_window)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=budget)
+    runner = Runner(model, PagedKVCache(model.config, n_blocks, BS, "cpu", torch.float32),
+                    max_model_len=model.config.max_position_embeddings, compile_mode=compile_mode)
+    layouts = {"packed": 0, "rows": 0}
+    t = 0
+    while len(sched) or t <= max(arrivals):
+        for r, at in zip(requests, arrivals):
+            if at == t:
+                sched.add(r)
+        t += 1
+        step = sched.schedule()
+        if not step.scheduled:
+            continue
+        layouts["rows" if all(s.count == 1 for s in step.scheduled) else "packed"] += 1
+        sampling, logits = runner.forward(step)
+        sched.advance(step)
+        for s, row in zip(sampling, logits):
+            tokens = s.request.tokens
+            with torch.no_grad():
+                want = model(torch.tensor([tokens]))[0, -1]
+            torch.testing.assert_close(row, want, atol=1e-4, rtol=1e-4)
+            s.request.state.accept(int(row.argmax()))
+            if s.request.state.finished:
+                sched.finish(s.request)
+    return layouts
+
+
+def test_packed_and_row_steps_equal_a_full_forward(model):
+    # 23 tokens: chunked by the budget of 7 while the others decode; with W = 8 its early blocks are freed.
+    reqs = _requests(model, [23, 3, 13, 5], max_new=12)
+    layouts = _drive(model, reqs, arrivals=[0, 0, 2, 6])
+    assert layouts["packed"] > 0 and layouts["rows"] > 0
+
+
+def test_a_prefix_hit_keeps_the_logits_exact(model):
+    reqs = _requests(model, [18, 18, 9], max_new=10)
+    reqs[1].state.prompt_ids[:] = reqs[0].state.prompt_ids  # the same prompt again, after the first has run
+    _drive(model, reqs, arrivals=[0, 12, 1])
+    assert reqs[1].cached_tokens == 16  # (with W = 8, only blocks 2 and 3 of them are taken: komt.serve.blocks)
+
+
+def test_preemption_and_recompute_keep_the_logits_exact(model):
+    reqs = _requests(model, [18, 11, 9], max_new=10)
+    _drive(model, reqs, arrivals=[0, 0, 1], n_blocks=8, budget=8)  # 7 usable blocks: someone is preempted
+    assert sum(r.preemptions for r in reqs) > 0
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_gives_the_same_logits():
+    model = komt.load_model(FIXTURES / "tiny-mistral")
+    reqs = _requests(model, [6, 3, 9], max_new=10)
+    layouts = _drive(model, reqs, arrivals=[0, 0, 3], compile_mode="default")
+    assert layouts["rows"] > 0
+
+
+def test_bytes_per_token_counts_keys_and_values_of_every_layer():
+    config = komt.load_model(FIXTURES / "tiny-llama").config
+    assert bytes_per_token(config, torch.bfloat16) == (2 * config.num_hidden_layers * config.num_key_value_heads
+                                                        * config.head_dim * 2)
