@@ -140,14 +140,16 @@ class Engine:
         if chunk < max_batch:
             raise ConfigError(f"--max-num-batched-tokens {chunk} must be >= --max-batch {max_batch} "
                               "(every running request decodes a token each step)")
-        if max_batch * 2 * (self.context + 1) >= 2**31:  # the packed layout's shifted positions are int32 in the kernels
-            raise ConfigError(f"--max-batch {max_batch} x --max-model-len {self.context} is too large; lower either")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.block_size, self.chunk = max_batch, max_queue, block_size, chunk
         self.metrics = metrics or ServerMetrics()
         n_blocks = kv_cache_blocks(config, weight.dtype, self.device, block_size=block_size,
                                    max_model_len=self.context, max_batch=max_batch, chunk=chunk,
                                    tokens=kv_cache_tokens, fraction=kv_cache_fraction)
+        if getattr(model, "kernels", "torch") == "triton" and max_batch * 2 * (self.context + 1) >= 2**31:
+            # the packed layout's shifted positions (komt.generate.paged_cache) are int32 in the Triton kernels
+            raise ConfigError(f"--max-batch {max_batch} x --max-model-len {self.context} is too large for the Triton "
+                              "kernels' int32 positions; lower either")
         self.cache = PagedKVCache(config, n_blocks, block_size, self.device, weight.dtype)
         self.blocks = BlockManager(n_blocks, block_size, config.sliding_window, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=max_batch, max_num_batched_tokens=chunk)
