@@ -584,6 +584,9 @@ def test_chat_page_streams_answers_keeps_the_conversation_and_resets(server, cli
     try:
         browser.call("Page.navigate", url=server + "/")
         wait_for(lambda: browser.js("(document.getElementById('model') || {}).textContent") == MODEL_NAME, 20, "page load")
+        # The page runs under its CSP: its own script works (the model name above), an injected one does not.
+        assert browser.js("(() => { const s = document.createElement('script'); s.textContent = 'window.injected = 1';"
+                          " document.body.appendChild(s); return window.injected === undefined; })()")
         browser.js("document.getElementById('temperature').value = '0';"
                    "document.getElementById('max-tokens').value = '24'")
 
