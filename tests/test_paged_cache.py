@@ -26,8 +26,9 @@ def model(request):
 def _requests(model, prompts, max_new):
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
+    device = model.lm_head.weight.device
     return [Request(DecodingState(torch.randint(3, V, (n,), generator=g).tolist(), max_new_tokens=max_new,
-                                  vocab_size=V, device="cpu")) for n in prompts]
+                                  vocab_size=V, device=device)) for n in prompts]
 
 
 def _drive(model, requests, arrivals, *, n_blocks=64, budget=7, compile_mode=None):
@@ -35,7 +36,8 @@ def _drive(model, requests, arrivals, *, n_blocks=64, budget=7, compile_mode=Non
     runner; check each sampled position's logits against a full forward. Returns (packed, rows) step counts."""
     blocks = BlockManager(n_blocks, BS, model.config.sliding_window)
     sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=budget)
-    runner = Runner(model, PagedKVCache(model.config, n_blocks, BS, "cpu", torch.float32),
+    device = model.lm_head.weight.device
+    runner = Runner(model, PagedKVCache(model.config, n_blocks, BS, device, torch.float32),
                     max_model_len=model.config.max_position_embeddings, compile_mode=compile_mode)
     layouts = {"packed": 0, "rows": 0}
     t = 0
@@ -53,7 +55,7 @@ def _drive(model, requests, arrivals, *, n_blocks=64, budget=7, compile_mode=Non
         for s, row in zip(sampling, logits):
             tokens = s.request.tokens
             with torch.no_grad():
-                want = model(torch.tensor([tokens]))[0, -1]
+                want = model(torch.tensor([tokens], device=device))[0, -1]
             torch.testing.assert_close(row, want, atol=1e-4, rtol=1e-4)
             s.request.state.accept(int(row.argmax()))
             if s.request.state.finished:
@@ -81,11 +83,13 @@ def test_preemption_and_recompute_keep_the_logits_exact(model):
     assert sum(r.preemptions for r in reqs) > 0
 
 
-@pytest.mark.slow
-def test_the_compiled_decode_step_gives_the_same_logits():
-    model = komt.load_model(FIXTURES / "tiny-mistral")
-    reqs = _requests(model, [6, 3, 9], max_new=10)
-    layouts = _drive(model, reqs, arrivals=[0, 0, 3], compile_mode="default")
+@pytest.mark.parametrize("device, mode", [pytest.param("cpu", "default", marks=pytest.mark.slow),
+                                          pytest.param("cuda", "reduce-overhead", marks=pytest.mark.cuda)])
+def test_the_compiled_decode_step_gives_the_same_logits(device, mode):
+    """Decode steps compiled (padded to the batch ladder; on CUDA replayed as one graph per shape)."""
+    model = komt.load_model(FIXTURES / "tiny-mistral", device=device)
+    reqs = _requests(model, [6, 3, 9, 4, 12], max_new=10)  # 1 to 5 rows: padded to 1, 2, 4 and 8
+    layouts = _drive(model, reqs, arrivals=[0, 0, 3, 5, 5], compile_mode=mode)
     assert layouts["rows"] > 0
 
 
