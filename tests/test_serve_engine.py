@@ -33,7 +33,7 @@ from komt.errors import ConfigError
 from komt.generate import generate
 from komt.generate.prompt import format_chat
 from komt.serve import Engine
-from komt.serve.protocol import token_string
+from komt.serve.responses import token_string
 
 BS = 16  # the engine's default block size
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -25,11 +25,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from komt.errors import KomtError
-from komt.serve import protocol
+from komt.serve import protocol, responses
 from komt.serve.connections import DEFAULT_BODY_TIMEOUT_S
 from komt.serve.engine import Delta, Engine, Failed, Finished, Job, QueueFull
 from komt.serve.guards import BearerAuth, BodyLimit, HostCheck, JSONOnly, RequestCounter, SecurityHeaders
-from komt.serve.protocol import APIError, ChoiceResult, GenerationSpec, Reply
+from komt.serve.protocol import APIError, GenerationSpec
+from komt.serve.responses import ChoiceResult, Reply
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # ~100k tokens of JSON-escaped Korean; far past any context
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -128,7 +129,7 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return protocol.models_list(model_name, started)
+        return responses.models_list(model_name, started)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -217,29 +218,29 @@ async def stream(job: Job, events: asyncio.Queue, spec: GenerationSpec, reply: R
     try:
         if reply.chat:
             for index in range(spec.n):
-                yield protocol.sse(reply.chunk("", first=True, index=index))
+                yield responses.sse(reply.chunk("", first=True, index=index))
         offsets = [0] * spec.n  # completions' text_offset of each choice's next token
         ended, completion_tokens = 0, 0
         while ended < spec.n:
             event = await events.get()
             if isinstance(event, Delta):
                 logprobs = [event.logprob] if event.logprob is not None else None
-                yield protocol.sse(reply.chunk(event.text, index=event.choice, logprobs=logprobs,
+                yield responses.sse(reply.chunk(event.text, index=event.choice, logprobs=logprobs,
                                                text_offset=offsets[event.choice]))
                 if logprobs is not None:
-                    offsets[event.choice] += len(protocol.token_string(reply.tokenizer, event.logprob.token)[0])
+                    offsets[event.choice] += len(responses.token_string(reply.tokenizer, event.logprob.token)[0])
                 continue
             if isinstance(event, Failed):  # the status line is long gone, so the error travels as an event
-                yield protocol.sse(protocol.failure_error(event.reason, event.message).body())
+                yield responses.sse(protocol.failure_error(event.reason, event.message).body())
                 break
             ended += 1
             completion_tokens += event.completion_tokens
             usage = None
             if ended == spec.n:
-                usage = protocol.usage(event.prompt_tokens, completion_tokens, event.cached_tokens)
-            yield protocol.sse(reply.chunk(None, event.reason, index=event.choice, usage_=usage))
+                usage = responses.usage(event.prompt_tokens, completion_tokens, event.cached_tokens)
+            yield responses.sse(reply.chunk(None, event.reason, index=event.choice, usage_=usage))
             if ended == spec.n and spec.include_usage:
-                yield protocol.sse(reply.usage_chunk(event.prompt_tokens, completion_tokens, event.cached_tokens))
-        yield protocol.sse("[DONE]")
+                yield responses.sse(reply.usage_chunk(event.prompt_tokens, completion_tokens, event.cached_tokens))
+        yield responses.sse("[DONE]")
     finally:
         job.cancel()  # a no-op after the end; frees the blocks at once when the client left mid-stream

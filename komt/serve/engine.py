@@ -242,7 +242,9 @@ class Engine:
                     self.scheduler.add(request)
             self._drop_lost()
             try:
-                self._step()
+                if not self._step():
+                    with self._cond:  # nothing could run (waiting for blocks or for a leader): do not spin
+                        self._cond.wait(0.005)
             except Exception as err:  # a bug here must not strand every client: fail what runs, go on
                 log.exception("engine step failed")
                 for request in list(self.scheduler.running):
@@ -255,8 +257,8 @@ class Engine:
             self._end(request, Failed(request.owner[1], "shutdown", "the server is shutting down"))
         self._set_gauges()
 
-    def _step(self) -> None:
-        """Schedule, run, advance, and hand every sampled token to its request."""
+    def _step(self) -> bool:
+        """Schedule, run, advance, and hand every sampled token to its request; False if nothing was scheduled."""
         step = self.scheduler.schedule()
         for request in step.admitted:
             self.metrics.prompt_tokens.inc(amount=len(request.state.prompt_ids))
@@ -264,14 +266,14 @@ class Engine:
             self.metrics.prefix_cache_hits.inc(amount=request.cached_tokens)
         self.metrics.preemptions.inc(amount=len(step.preempted))
         if not step.scheduled:
-            return
+            return False
         try:
             sampled = self.runner.run(step)
         except Exception as err:  # a failing forward (e.g. out of memory) ends this step's requests, not the server
             log.exception("forward failed")
             for s in step.scheduled:
                 self._end(s.request, Failed(s.request.owner[1], "error", f"forward failed: {err}"))
-            return
+            return True
         self.scheduler.advance(step)
         self.metrics.scheduled_tokens.observe(step.tokens)
         decoding = sum(1 for s in step.scheduled if s.count == 1 and s.samples)
@@ -283,6 +285,7 @@ class Engine:
             except Exception as err:  # e.g. a sampled id past the tokenizer's vocabulary (a padded lm_head)
                 log.exception("handling a sampled token failed")
                 self._end(request, Failed(request.owner[1], "error", f"cannot decode token {token}: {err}"))
+        return True
 
     def _drop_lost(self) -> None:
         """End the requests whose client left or whose deadline passed, wherever they are."""
