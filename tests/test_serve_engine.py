@@ -208,6 +208,35 @@ def test_a_huge_context_config_is_refused_with_one_line(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
+def test_kv_and_prefix_gauges_follow_the_blocks(model, tokenizer):
+    with serving(model, tokenizer) as (url, engine), httpx.Client(base_url=url, timeout=60) as c:
+        capacity = engine.blocks.capacity
+        for _ in range(2):  # the same prompt twice: the second takes the first's full blocks
+            post(c, "/v1/chat/completions", {"messages": [{"role": "user", "content": SYSTEM}], "max_tokens": 4,
+                                             "temperature": 0})
+        m = scrape(url)
+    assert m["komt_kv_blocks_used"] == 0 and m["komt_kv_blocks_free"] == capacity  # all freed, some still cached
+    assert m["komt_prefix_cache_hit_rate"] == m["komt_prefix_cache_hits_total"] / m["komt_prefix_cache_queries_total"]
+    assert 0 < m["komt_prefix_cache_hit_rate"] < 0.5
+    assert m["komt_scheduled_tokens_count"] >= 2 + 2 * 3  # two prefills and their decode steps
+
+
+def test_a_lone_request_decodes_one_row_at_a_time(model, tokenizer):
+    """On the CPU a single stream must stay a [1, 1] forward, the shape the split/fused GEMV layouts speed up."""
+    shapes = []
+    handle = model.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    try:
+        with serving(model, tokenizer) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
+            body = post(c, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                                                    "temperature": 0})
+    finally:
+        handle.remove()
+    prompt = len(chat_ids(tokenizer, "hi"))
+    assert shapes[0] == (1, prompt) and set(shapes[1:]) == {(1, 1)}
+    sampled = body["usage"]["completion_tokens"] + (body["choices"][0]["finish_reason"] == "stop")  # EOS is sampled too
+    assert len(shapes) == sampled  # one forward per sampled token: the prefill, then one row each
+
+
 # ---- chunked prefill -------------------------------------------------------------------------------------
 
 

@@ -43,7 +43,9 @@ from komt.serve.scheduler import Request, Scheduler
 
 log = logging.getLogger("komt.serve")
 
-DEFAULT_BATCHED_TOKENS = {"cuda": 2048, "cpu": 128}  # per step; a CPU prefills ~1 token per ms of a 135M model
+# Tokens per step. Small on the CPU, where a step's prefill chunk costs about its length in compute and
+# every running stream waits for it; on a GPU a chunk of 2048 (vLLM's default) shares the weight reads.
+DEFAULT_BATCHED_TOKENS = {"cuda": 2048, "cpu": 128}
 
 
 class QueueFull(KomtError):
