@@ -37,6 +37,19 @@ from komt.model.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear,
 _PACK_BLOCK_N = 64  # rows per block of the int4 kernel's layout (AVX-512 / AVX2 builds of PyTorch 2.x)
 
 
+_ALIGN = 64  # bytes
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied if its data does not start on a 64-byte boundary.
+
+    `torch._weight_int8pack_mm` (PyTorch 2.13, AVX-512 build) crashes with a segmentation fault for inputs
+    of several rows when the weight is not 64-byte aligned (aligned vector loads): a weight viewed from a
+    safetensors memory map at an 8-byte offset is enough. tests/test_quantized_linear.py pins the case.
+    """
+    return t if t.data_ptr() % _ALIGN == 0 else t.clone()
+
+
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (..., I) -> (M, I), the kernels' input
 
@@ -50,7 +63,8 @@ class Int8CPULinear(QuantizedLinear):
         super().__init__(layer.in_features, layer.out_features, layer.group_size)
         if layer.group_size != layer.in_features:
             raise ValueError("the CPU int8 kernel takes one scale per output row (per-channel int8)")
-        self.weight, self.scales = layer.weight, layer.scales
+        self.weight = layer.weight if layer.weight.data_ptr() % _ALIGN == 0 else _frozen(_aligned(layer.weight.detach()))
+        self.scales = layer.scales
         self._kernel_scales = layer.scales.detach().view(-1).to(torch.bfloat16)  # (O,)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -136,7 +150,9 @@ def fuse_quantized(members: tuple[QuantizedLinear, ...]) -> SharedInputGroup:
         lo = 0
         for m in members:
             hi = lo + m.out_features
-            m.weight = _frozen(fused.weight[lo:hi])
+            rows = fused.weight[lo:hi]
+            if rows.data_ptr() % _ALIGN == 0:  # (an unaligned view would crash the int8 kernel: keep the copy)
+                m.weight = _frozen(rows)
             if isinstance(m, Int8CPULinear):
                 m.scales = _frozen(fused.scales[lo:hi])
                 m._kernel_scales = fused._kernel_scales[lo:hi]

@@ -80,6 +80,10 @@ def load_model(
     device = torch.device(device or "cpu")
     model = load_checkpoint(Path(folder), device=device, dtype=dtype, progress=progress, quantize=spec)
     model.source_path = Path(folder)
+    fallbacks = spec.fallbacks(model) if spec is not None else []
+    if fallbacks:
+        print(f"komt: {len(fallbacks)} layers have an input size that int4 groups of {spec.group_size or 32} do not "
+              f"divide (e.g. {fallbacks[0]}); they use int8 per channel", file=sys.stderr)
     if adapter is not None:
         from komt.model.lora import load_adapter
 

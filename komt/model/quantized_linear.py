@@ -175,6 +175,13 @@ class QuantizeSpec:
     method: str
     group_size: int | None = None
 
+    def fallbacks(self, model: nn.Module) -> list[str]:
+        """Layers that did not get `method` (int4 groups that do not divide their inputs), lm_head aside."""
+        if self.method != "int4":
+            return []
+        return [n for n, m in model.named_modules()
+                if isinstance(m, QuantizedLinear) and m.bits == 8 and not n.endswith("lm_head")]
+
     def __post_init__(self) -> None:
         if self.method not in QUANTIZE_CHOICES:
             raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.method!r}")
@@ -185,9 +192,15 @@ class QuantizeSpec:
             raise ConfigError(f"int4 group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {g}")
 
     def layer(self, name: str, weight: torch.Tensor) -> QuantizedLinear:
-        """The quantized layer for the dense `weight` [O, I] of the layer called `name`."""
+        """The quantized layer for the dense `weight` [O, I] of the layer called `name`.
+
+        A layer whose input size the int4 group does not divide (small test models) gets int8 per channel,
+        as llama.cpp falls back to another type for such rows; `fallbacks` names them for the caller.
+        """
         try:
             if name == "lm_head" or name.endswith(".lm_head"):
+                return Int8Linear.from_dense(weight)
+            if self.method == "int4" and weight.shape[1] % (self.group_size or DEFAULT_GROUP_SIZE["int4"]):
                 return Int8Linear.from_dense(weight)
             return quantized_from_dense(weight, self.method, self.group_size)
         except ValueError as err:
