@@ -6,10 +6,10 @@ bytes only when the writer reaches it. So exporting a 7B checkpoint holds one en
 and the file appears (via `komt.atomic`) only once it is complete.
 
 Metadata values are plain Python; their GGUF types follow gguf-py's writer, which are the types
-llama.cpp's loader checks: bool -> BOOL, int -> UINT32 (INT64 if it does not fit), float -> FLOAT32,
-str -> STRING, list -> ARRAY (int elements INT32, float FLOAT32, ...). `value_types` overrides a key's
-type with the reader's descriptor (an id, or (ARRAY, element type)), so a file read by `GGUFFile` can be
-written back with the same types.
+llama.cpp's loader checks: bool -> BOOL, int -> UINT32, float -> FLOAT32, str -> STRING, list -> ARRAY
+(int elements INT32, float FLOAT32, ...); a negative scalar is INT32, and ints too large for 32 bits take
+the 64-bit type. `value_types` overrides a key's type with the reader's descriptor (an id, or
+(ARRAY, element type)), so a file read by `GGUFFile` is written back with the same types.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from komt.atomic import atomic_file
 from komt.errors import CheckpointError
 from komt.model.gguf.constants import (
-    ARRAY, BOOL, FLOAT32, INT32, INT64, MAGIC, SCALAR_FORMATS, STRING, TENSOR_TYPES_BY_NAME, UINT32,
+    ARRAY, BOOL, FLOAT32, INT32, INT64, MAGIC, SCALAR_FORMATS, STRING, TENSOR_TYPES_BY_NAME, UINT32, UINT64,
     WRITE_VERSION,
 )
 from komt.model.gguf.reader import ValueType
@@ -51,20 +51,28 @@ class TensorToWrite:
         return numel // t.block_size * t.type_size
 
 
-def _default_type(value: Any, in_array: bool = False) -> ValueType:
+def _default_int(values: list[int], in_array: bool) -> int:
+    if not in_array and all(0 <= v < 2**32 for v in values):
+        return UINT32
+    if all(-2**31 <= v < 2**31 for v in values):
+        return INT32
+    return UINT64 if all(0 <= v < 2**64 for v in values) else INT64
+
+
+def _default_type(value: Any, key: str, in_array: bool = False) -> ValueType:
     if isinstance(value, bool):
         return BOOL
     if isinstance(value, int):
-        if in_array:
-            return INT32 if -2**31 <= value < 2**31 else INT64
-        return UINT32 if 0 <= value < 2**32 else INT64
+        return _default_int([value], in_array)
     if isinstance(value, float):
         return FLOAT32
     if isinstance(value, str):
         return STRING
     if isinstance(value, (list, tuple)):
-        return (ARRAY, _default_type(value[0], in_array=True) if value else INT32)
-    raise CheckpointError(f"cannot write a GGUF metadata value of type {type(value).__name__}")
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return (ARRAY, _default_int(list(value), in_array=True))
+        return (ARRAY, _default_type(value[0], key, in_array=True) if value else INT32)
+    raise CheckpointError(f"GGUF metadata {key!r}: cannot write a value of type {type(value).__name__}")
 
 
 def _string(s: str) -> bytes:
@@ -101,7 +109,7 @@ def _header(metadata: Mapping[str, Any], tensors: list[TensorToWrite],
     metadata = {"general.alignment": ALIGNMENT, **{k: v for k, v in metadata.items() if k != "general.alignment"}}
     parts = [MAGIC, struct.pack("<IQQ", WRITE_VERSION, len(tensors), len(metadata))]
     for key, value in metadata.items():
-        vtype = value_types[key] if key in value_types and key != "general.alignment" else _default_type(value)
+        vtype = value_types[key] if key in value_types and key != "general.alignment" else _default_type(value, key)
         type_id = ARRAY if isinstance(vtype, tuple) else vtype
         parts.append(_string(key) + struct.pack("<I", type_id) + _encode_value(value, vtype, key))
     offset = 0
