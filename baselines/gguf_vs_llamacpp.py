@@ -2,9 +2,10 @@
 # Runs with komt's python; every llama.cpp step is a subprocess in the llama venv, so komt never imports it:
 #   python baselines/gguf_vs_llamacpp.py [--llama-python /work/venv-llama/bin/python] [--smollm2 FILE]
 # Prints max |logit difference| for:
-#   (a) tiny-mistral exported as f32/f16/bf16/q8_0/q4_0, run by llama.cpp, against komt on the HF folder and
-#       against komt running the weights komt's reader dequantizes from the same file (8 ids: within the
-#       sliding window of 8, which llama.cpp's `llama` graph does not apply), and 24 ids (past the window);
+#   (a) tiny-mistral and tiny-llama exported as f32/f16/bf16/q8_0/q4_0, run by llama.cpp, against komt on the
+#       HF folder and against komt running the weights komt's reader dequantizes from the same file (8 ids:
+#       within tiny-mistral's sliding window of 8, which llama.cpp's `llama` graph does not apply; 24 ids:
+#       past it, where only komt without the window can agree);
 #   (b) the tiny-mistral-lora adapter exported to llama.cpp's LoRA GGUF, applied by llama.cpp;
 #   (c) the real SmolLM2-135M Q4_1 file: llama.cpp against komt's dequantized dense model, and the same
 #       dequantized weights re-written by komt's writer as F32 (llama.cpp then computes without int8
@@ -84,21 +85,23 @@ def main() -> int:
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="komt-gguf-"))
     tokenizer = FIXTURES / "tokenizer" / "tokenizer.model"
-    hf = komt.load_model(FIXTURES / "tiny-mistral", dtype="fp32")
     hf_lora = komt.load_model(FIXTURES / "tiny-mistral", dtype="fp32", adapter=FIXTURES / "tiny-mistral-lora")
-    scale = np.abs(komt_logits(hf, IDS_8)).max()
-    print(f"(a) tiny-mistral exports, max |logit diff| (komt logits up to {scale:.2f})")
-    print("    type   8 ids: llama.cpp vs komt(HF)  vs komt(reader)   24 ids: vs komt(HF, window 8)  vs komt(reader, no window)")
-    for t in ("f32", "f16", "bf16", "q8_0", "q4_0"):
-        path = work / f"tiny-{t}.gguf"
-        export_gguf(FIXTURES / "tiny-mistral", path, t, tokenizer=tokenizer)
-        ll8 = llama_logits(py, path, IDS_8, work / f"{t}-8.npy")
-        ll24 = llama_logits(py, path, IDS_24, work / f"{t}-24.npy")
-        ours = dense_model(path)
-        unwindowed = dense_model(path, sliding_window=None)
-        print(f"    {t:5}  {diff(ll8, komt_logits(hf, IDS_8)):>27}  {diff(ll8, komt_logits(ours, IDS_8)):>15}"
-              f"  {diff(ll24, komt_logits(hf, IDS_24)):>29}  {diff(ll24, komt_logits(unwindowed, IDS_24)):>24}")
-    base = work / "tiny-f32.gguf"
+    print("(a) fixture exports, max |logit diff| between llama.cpp and komt")
+    print("    fixture       type   8 ids: vs komt(HF)  vs komt(reader)   24 ids: vs komt(HF)  vs komt(reader, no window)")
+    for fixture in ("tiny-mistral", "tiny-llama"):
+        hf = komt.load_model(FIXTURES / fixture, dtype="fp32")
+        for t in ("f32", "f16", "bf16", "q8_0", "q4_0"):
+            path = work / f"{fixture}-{t}.gguf"
+            export_gguf(FIXTURES / fixture, path, t, tokenizer=tokenizer)
+            ll8 = llama_logits(py, path, IDS_8, work / f"{fixture}-{t}-8.npy")
+            ll24 = llama_logits(py, path, IDS_24, work / f"{fixture}-{t}-24.npy")
+            ours, unwindowed = dense_model(path), dense_model(path, sliding_window=None)
+            print(f"    {fixture:12}  {t:5}  {diff(ll8, komt_logits(hf, IDS_8)):>17}  {diff(ll8, komt_logits(ours, IDS_8)):>15}"
+                  f"  {diff(ll24, komt_logits(hf, IDS_24)):>19}  {diff(ll24, komt_logits(unwindowed, IDS_24)):>24}")
+        print(f"    ({fixture}: komt's logits reach {np.abs(komt_logits(hf, IDS_24)).max():.2f}; sliding window "
+              f"{hf.config.sliding_window})")
+    hf = komt.load_model(FIXTURES / "tiny-mistral", dtype="fp32")
+    base = work / "tiny-mistral-f32.gguf"
     lora = work / "tiny-lora.gguf"
     export_adapter_gguf(FIXTURES / "tiny-mistral", FIXTURES / "tiny-mistral-lora", lora)
     ll = llama_logits(py, base, IDS_8, work / "lora.npy", lora=lora)
@@ -124,15 +127,16 @@ def main() -> int:
               f"{diff(ll, ours)} (mean {np.abs(ll - ours).mean():.3f}, argmax agree {agree:.0%}); "
               f"re-written as F32 by komt: llama.cpp vs komt {diff(ll32, ours)}")
     print("(d) komt's quantized bytes vs llama_model_quantize of komt's f32 export:")
-    for t in ("q8_0", "q4_0"):
-        ref = work / f"llama-quantize-{t}.gguf"
-        subprocess.run([py, str(ROOT / "baselines" / "llamacpp_quantize.py"), str(base), str(ref), "--type", t],
-                       check=True, capture_output=True)
-        a, b = GGUFFile(work / f"tiny-{t}.gguf"), GGUFFile(ref)
-        same = [n for n in a.tensors if n in b.tensors and a.tensors[n].type == b.tensors[n].type
-                and torch.equal(a.raw(n), b.raw(n))]
-        types = sorted({a.tensors[n].type.name for n in a.tensors})
-        print(f"    {t}: {len(same)}/{len(b.tensors)} tensors byte-identical (types {', '.join(types)})")
+    for fixture in ("tiny-mistral", "tiny-llama"):
+        for t in ("q8_0", "q4_0"):
+            ref = work / f"llama-quantize-{fixture}-{t}.gguf"
+            subprocess.run([py, str(ROOT / "baselines" / "llamacpp_quantize.py"), str(work / f"{fixture}-f32.gguf"),
+                            str(ref), "--type", t], check=True, capture_output=True)
+            a, b = GGUFFile(work / f"{fixture}-{t}.gguf"), GGUFFile(ref)
+            same = [n for n in a.tensors if n in b.tensors and a.tensors[n].type == b.tensors[n].type
+                    and torch.equal(a.raw(n), b.raw(n))]
+            types = sorted({a.tensors[n].type.name for n in a.tensors})
+            print(f"    {fixture} {t}: {len(same)}/{len(b.tensors)} tensors byte-identical (types {', '.join(types)})")
     return 0
 
 

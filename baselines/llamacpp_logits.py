@@ -14,8 +14,8 @@ GGML_TYPE_F32 = 0  # an fp32 KV cache (llama.cpp's default is fp16), so only the
 
 def _without_extra_buffer_types() -> None:
     """llama_decode segfaults on this VM when llama.cpp repacks weights into its extra CPU buffer types
-    (AMX / REPACK; the CPU reports AMX), so load weights as the file has them (use_extra_bufts = false).
-    That changes where weights live, not the arithmetic of the ggml CPU kernels that run them."""
+    (AMX / REPACK; the CPU reports AMX), so load weights as the file has them (use_extra_bufts = false):
+    llama.cpp then runs its plain ggml CPU kernels for each type (slower, same block formats)."""
     default = llama_module.llama_cpp.llama_model_default_params
 
     def params():
