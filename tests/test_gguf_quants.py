@@ -19,7 +19,7 @@ from komt.model.gguf.quantize import quantize
 from komt.model.gguf.quants import dequantize
 
 GT = gguf.GGMLQuantizationType
-QUANTIZABLE_BY_GGUF = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+QUANTIZABLE_BY_GGUF = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # Byte offsets of each K-quant block's fp16 fields (d, dmin): random bytes there could be inf/NaN.
 K_FP16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
@@ -63,7 +63,7 @@ def test_type_table_matches_gguf():
 def test_dequantize_matches_gguf_on_gguf_quantized_data(type_name):
     x = weights(8, 256)
     raw = gguf.quants.quantize(x, GT[type_name]).view(np.uint8)  # [8, row_bytes]
-    expected = gguf.quants.dequantize(raw, GT[type_name]) if type_name != "F16" else x.astype(np.float16).astype(np.float32)
+    expected = gguf.quants.dequantize(raw, GT[type_name])
     got = dequantize(torch.from_numpy(raw.copy()), type_name).numpy()
     np.testing.assert_array_equal(got, expected)
 

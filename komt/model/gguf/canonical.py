@@ -57,11 +57,6 @@ class QuantizedTensor:
             w = w + self.offsets.float().unsqueeze(-1)
         return w.view(rows, cols).to(dtype)
 
-    def permute_rows(self, order: torch.Tensor) -> "QuantizedTensor":
-        """The same weight with its output rows reordered (row r of the result = row order[r])."""
-        offsets = None if self.offsets is None else self.offsets[order]
-        return QuantizedTensor(self.kind, self.group_size, self.weight[order], self.scales[order], offsets)
-
 
 CANONICAL_TYPES = ("Q8_0", "Q4_0", "Q4_1")
 

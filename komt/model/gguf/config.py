@@ -57,10 +57,9 @@ def config_from_metadata(metadata: dict[str, Any], vocab_size: int, tied: bool, 
     def get(key: str, kind: type, default: Any = None) -> Any:
         return _get(metadata, f"{ARCH}.{key}", kind, source, default)
 
-    for key in ("rope.scaling.type",):
-        scaling = metadata.get(f"{ARCH}.{key}")
-        if scaling not in (None, "none"):
-            raise ConfigError(f"{source}: RoPE scaling {scaling!r} ({ARCH}.{key}) is not supported (only plain RoPE)")
+    scaling = metadata.get(f"{ARCH}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ConfigError(f"{source}: RoPE scaling {scaling!r} ({ARCH}.rope.scaling.type) is not supported (only plain RoPE)")
     if get("expert_count", int, 0):
         raise ConfigError(f"{source}: mixture-of-experts models ({ARCH}.expert_count) are not supported")
     hidden = get("embedding_length", int)

@@ -19,8 +19,6 @@ QUANTIZATION_VERSION = 2  # `general.quantization_version` of every current file
 
 # Metadata value types (gguf_type in gguf.h).
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
-VALUE_TYPE_NAMES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "BOOL", "STRING",
-                    "ARRAY", "UINT64", "INT64", "FLOAT64")
 # struct format of each fixed-size value type (little-endian).
 SCALAR_FORMATS = {UINT8: "B", INT8: "b", UINT16: "H", INT16: "h", UINT32: "I", INT32: "i", FLOAT32: "f",
                   BOOL: "?", UINT64: "Q", INT64: "q", FLOAT64: "d"}

@@ -114,7 +114,3 @@ def from_gguf_rows(x: torch.Tensor, n_head: int) -> torch.Tensor:
     rest = x.shape[1:]
     return x.reshape(n_head, half, 2, *rest).transpose(1, 2).reshape(x.shape)  # (h, D/2, 2, ...) -> (h, 2, D/2, ...)
 
-
-def from_gguf_order(n_rows: int, n_head: int) -> torch.Tensor:
-    """Row indices r -> GGUF row of HF row r: `gguf_tensor[order]` equals `from_gguf_rows(gguf_tensor)`."""
-    return from_gguf_rows(torch.arange(n_rows), n_head)

@@ -35,8 +35,8 @@ import torch
 
 from komt.errors import CheckpointError
 from komt.model.gguf.constants import (
-    ARRAY, BOOL, DEFAULT_ALIGNMENT, MAGIC, SCALAR_FORMATS, STRING, SUPPORTED_VERSIONS, TENSOR_TYPES, UINT32,
-    VALUE_TYPE_NAMES, TensorType,
+    ARRAY, BOOL, DEFAULT_ALIGNMENT, INT64, MAGIC, SCALAR_FORMATS, STRING, SUPPORTED_VERSIONS, TENSOR_TYPES, UINT32,
+    UINT64, TensorType,
 )
 
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -101,7 +101,7 @@ class _Cursor:
         return self.scalar(UINT32, what)
 
     def u64(self, what: str) -> int:
-        return self.scalar(10, what)
+        return self.scalar(UINT64, what)
 
     def string(self, what: str) -> str:
         n = self.u64(f"length of {what}")
@@ -188,7 +188,7 @@ class GGUFFile:
         n_dims = cur.u32(f"dimension count of {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-        dims = tuple(cur.scalar(11, f"dimensions of {name!r}") for _ in range(n_dims))
+        dims = tuple(cur.scalar(INT64, f"dimensions of {name!r}") for _ in range(n_dims))
         type_id = cur.u32(f"type of {name!r}")
         offset = cur.u64(f"offset of {name!r}")
         if type_id not in TENSOR_TYPES:
@@ -261,9 +261,3 @@ def _map_file(path: Path) -> mmap.mmap:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read: {getattr(err, 'strerror', None) or err}") from None
 
-
-def describe_value_type(vtype: ValueType) -> str:
-    """"UINT32", "ARRAY[STRING]", ... for messages."""
-    if isinstance(vtype, tuple):
-        return f"ARRAY[{describe_value_type(vtype[1])}]"
-    return VALUE_TYPE_NAMES[vtype]
