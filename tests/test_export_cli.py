@@ -156,6 +156,8 @@ def test_adapter_export_matches_convert_lora_to_gguf_layout(fixtures, tmp_path):
     ref = gguf.GGUFReader(str(out))
     assert {ref.fields[k].contents() for k in ("general.type", "adapter.type")} == {"adapter", "lora"}
     assert f.metadata["general.architecture"] == "llama" and f.metadata["adapter.lora.alpha"] == 32.0
+    with pytest.raises(komt.CheckpointError, match="is a LoRA adapter GGUF"):
+        read_gguf_weights(out)
     _, adapter = komt.model.lora.read_adapter_weights(fixtures / "tiny-mistral-lora")
     assert len(f.tensors) == len(adapter) == 28
     for key, tensor in adapter.items():

@@ -113,4 +113,3 @@ def from_gguf_rows(x: torch.Tensor, n_head: int) -> torch.Tensor:
     half = _check_rows(x.shape[0], n_head)
     rest = x.shape[1:]
     return x.reshape(n_head, half, 2, *rest).transpose(1, 2).reshape(x.shape)  # (h, D/2, 2, ...) -> (h, 2, D/2, ...)
-

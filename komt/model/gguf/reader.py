@@ -260,4 +260,3 @@ def _map_file(path: Path) -> mmap.mmap:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read: {getattr(err, 'strerror', None) or err}") from None
-

@@ -36,6 +36,8 @@ GGUFValue = torch.Tensor | QuantizedTensor
 
 def read_gguf_config(gguf: GGUFFile) -> ModelConfig:
     """The ModelConfig of an opened file (vocab from token_embd, tied when output.weight is absent)."""
+    if gguf.metadata.get("general.type") == "adapter":
+        raise CheckpointError(f"{gguf.path}: is a LoRA adapter GGUF (general.type = adapter), not a model")
     embed = gguf.tensors.get("token_embd.weight")
     if embed is None or len(embed.dims) != 2:
         raise CheckpointError(f"{gguf.path}: no 2-D token_embd.weight (not a llama.cpp language model)")
