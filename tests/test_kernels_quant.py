@@ -134,7 +134,8 @@ def test_gradient_for_x_matches_autograd_through_the_reference(dtype, tol):
     packed, s4, z4 = _int4(24, 64, 32)
     x = _x((3, 64), dtype)
     dy = _x((3, 24), dtype, seed=6)
-    for run, ref in ((lambda a: kernels.int8_matmul(a, q, scales, 32), lambda a: int8_matmul_reference(a, q, scales, 32)),
+    for run, ref in ((lambda a: kernels.int8_matmul(a, q, scales, 32),
+                      lambda a: int8_matmul_reference(a, q, scales, 32)),
                      (lambda a: kernels.int4_matmul(a, packed, s4, z4, 32),
                       lambda a: int4_matmul_reference(a, packed, s4, z4, 32))):
         xa, xb = x.clone().requires_grad_(), x.float().clone().requires_grad_()
@@ -274,3 +275,69 @@ def test_quant_matmul_cuda_other_dtypes_and_ragged_sizes(M, dtype):
     _close_cuda(kernels.int8_matmul(x, q, scales), int8_matmul_reference(x, q, scales))
     x = _x((M, 4096), dtype, device="cuda")
     _close_cuda(kernels.int4_matmul(x, packed, s4, z4, 64), int4_matmul_reference(x, packed, s4, z4, 64))
+
+
+COMPILE_FOR_SM90 = r'''
+import os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.dequant_matmul_int4 import _int4_matmul_kernel
+from kernels.dequant_matmul_int8 import _int8_matmul_kernel
+
+POINTERS = {"Q": "*i8", "P": "*u8", "S": "*fp16", "Z": "*fp16"}  # X and Y: x's dtype
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+def compile_sm90(kernel, dtype, warps, stages, **constexprs):
+    """PTX and (registers, stack bytes) of one specialisation, every int argument divisible by 16."""
+    sig = {p.name: "constexpr" if p.is_constexpr
+           else POINTERS.get(p.name, "*" + dtype if p.name in ("X", "Y") else "i32")
+           for p in kernel.params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
+             if not p.is_constexpr and p.name != "M"}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs, EXACT_DOT=dtype == "fp32"), attrs=attrs)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(c.asm["cubin"]); f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return c.asm["ptx"], int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
+
+import torch
+import kernels._quant as quant
+from kernels import dequant_matmul_int4 as int4, dequant_matmul_int8 as int8
+
+quant.sm_count = lambda device: 132  # the tilings the wrappers would pick on an H100 / H200
+for fmt, M, g, dtype in [("int8", 1, None, "bf16"), ("int8", 1, 32, "bf16"), ("int8", 512, None, "bf16"),
+                         ("int8", 512, 32, "fp16"), ("int4", 1, 32, "bf16"), ("int4", 1, 128, "fp16"),
+                         ("int4", 512, 32, "bf16"), ("int4", 512, 128, "bf16")]:
+    module, kernel = (int8, _int8_matmul_kernel) if fmt == "int8" else (int4, _int4_matmul_kernel)
+    group_k = g if fmt == "int8" else g // 2
+    cfg = quant.launch_config(M, 4096, 4096, group_k, torch.bfloat16, torch.device("cuda"), module.K_CAPS)
+    cfg.pop("n_splits")
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    if fmt == "int8":
+        cfg.update(PER_CHANNEL=g is None, EVEN_K=True)
+    ptx, regs, stack = compile_sm90(kernel, dtype, warps, stages, **cfg)
+    weight_16B = "cp.async.cg.shared.global" in ptx and ", 0x10," in ptx  # 16-byte async copies
+    print(fmt, M, g, dtype, cfg, regs, stack, weight_16B)
+    assert stack == 0 and (weight_16B or M > 16), (fmt, M, g, dtype, regs, stack)  # the GEMV is the memory-bound one
+print("ok")
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_with_16_byte_weight_loads_and_no_spills():
+    """Without a GPU the interpreter never compiles: compile the tilings the wrappers pick on an H100 / H200
+    (sm_90, bf16/fp16 x) with the ptxas that triton ships, in a child without TRITON_INTERPRET (triton
+    must load uninterpreted): no register spills, and the GEMV reads the weight in 16-byte copies."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton.backends.nvidia")
+    if spec is None or not (Path(spec.origin).parent / "bin" / "ptxas").exists():
+        pytest.skip("this triton build has no CUDA backend / ptxas to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_DEFAULT_FP_FUSION="1")
+    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.strip().endswith("ok")
