@@ -112,10 +112,11 @@ def bench_quant(peaks, quick: bool, bits: int, group_size: int | None) -> list[d
         dense_sets = [dense.to(torch.bfloat16)] + [
             torch.randn(O, I, device="cuda", dtype=torch.bfloat16) for _ in range(n_dense - 1)
         ]
-        torch_sets = [_torch_baseline(bits, s) for s in sets]
+        first = _torch_baseline(bits, sets[0])
+        torch_sets = [] if first is None else [first] + [_torch_baseline(bits, s) for s in sets[1:]]
         for M in rows_list:
             x = torch.randn(M, I, device="cuda", dtype=torch.bfloat16)
-            theirs = _checked(torch_sets[0], x, dense, f"torch int{bits}")
+            theirs = _checked(first, x, dense, f"torch int{bits}")
             shape = f"{what} {O}x{I} M{M}"
             if M in DECODE_ROWS:
                 ms = time_graph_ms([lambda s=s: matmul(x, *s) for s in sets])
