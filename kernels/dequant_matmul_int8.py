@@ -20,7 +20,7 @@ is. fp32 x multiplies in fp32 (an IEEE dot, not tf32): a caller who chose fp32 a
 arithmetic; the fast path is bf16/fp16.
 
 One kernel, two tilings (decode: a GEMV over M <= 16 rows with K split across programs; prefill: a GEMM
-with 128 x 128 tiles), chosen by M in `kernels._quant.launch_config`, whose docstring gives the rule.
+with 128 x 128 tiles), chosen by M in `kernels._quant.launch_config` (that module's docstring says how).
 Grid: (cdiv(M, BLOCK_M), cdiv(O, BLOCK_N), n_splits). Reference: `kernels.reference.int8_matmul_reference`.
 """
 
