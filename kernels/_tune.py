@@ -16,7 +16,7 @@ PREFILL_CONFIGS = [  # BLOCK_M, BLOCK_N, num_warps, num_stages
     (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 32, 8, 4),
 ]
 DECODE_CONFIGS = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2)]  # BLOCK_N, warps, stages
-QUANT_GEMV_CONFIGS = [  # BLOCK_N, BLOCK_K (K units: inputs for int8, bytes for int4; capped by the group), warps, stages
+QUANT_GEMV_CONFIGS = [  # BLOCK_N, BLOCK_K (inputs for int8, bytes for int4; capped by the group), warps, stages
     (32, 256, 4, 4), (64, 256, 4, 4), (64, 128, 4, 4), (128, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 4),
     (128, 128, 8, 3), (256, 64, 8, 4), (64, 128, 4, 2), (128, 32, 4, 6),
 ]
