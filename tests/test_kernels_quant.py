@@ -5,7 +5,8 @@ Without a GPU the kernels run in Triton's CPU interpreter for this module only (
 the shapes below span several programs, split K across programs, and end ragged along O (and along I
 where the layout allows: per-channel int8 takes any I).
 Tolerances: fp32 1e-5 (fp32 dots; only the order of the sum differs); bf16 / fp16 one rounding of the
-output plus one rounding of the dequantized weight to x's dtype (outputs here are O(1)).
+output plus one rounding of the dequantized weight to x's dtype (outputs here are O(1)). The interpreter
+rounds fp32 -> bf16 toward zero (a GPU rounds to nearest), so its bf16 outputs can be one ulp off.
 """
 
 from __future__ import annotations
