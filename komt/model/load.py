@@ -8,11 +8,39 @@ from pathlib import Path
 
 import torch
 
-from komt.errors import ConfigError
+from komt.errors import CheckpointError, ConfigError
 from komt.model.attention import KERNEL_BACKENDS
 from komt.model.checkpoint import ProgressFn, load_checkpoint
+from komt.model.config import ModelConfig
 from komt.model.hub import resolve_model_path
 from komt.model.transformer import Transformer
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """`"cuda:1"` -> torch.device, checked against this machine; None is the CPU.
+
+    A misspelt device (`gpu0`) or CUDA on a machine without it is a ConfigError here, at the edge,
+    instead of a torch RuntimeError/AssertionError from the first allocation.
+    """
+    if device is None:
+        return torch.device("cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {str(device)!r:.40}; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device}: CUDA is not available on this machine; use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device}: MPS is not available on this machine; use cpu")
+    return parsed
+
+
+def _triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors (the tests do); read as kernels._launch does."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_supports(head_dim: int) -> bool:
@@ -40,6 +68,9 @@ def choose_kernels(device: torch.device, requested: str | None = None, head_dim:
         return "triton"
     if choice not in KERNEL_BACKENDS:
         raise ConfigError(f"KOMT_KERNELS / kernels must be one of {', '.join(KERNEL_BACKENDS)}, got {choice!r}")
+    if choice == "triton" and device.type != "cuda" and not _triton_interpreting():
+        raise ConfigError(f"kernels triton (from --kernels or KOMT_KERNELS) needs a CUDA device, not {device}; "
+                          "use torch kernels on the CPU")
     if choice == "triton" and not triton_supports(head_dim):
         raise ConfigError(f"the Triton kernels need a head_dim that is a power of two in 16..256, this model has {head_dim}")
     return choice
@@ -55,16 +86,22 @@ def load_model(
 ) -> Transformer:
     """Load a Hugging Face-format Mistral/Llama checkpoint (folder or hub id) in eval mode.
 
-    `dtype` None keeps the checkpoint's dtype; `adapter` applies a PEFT LoRA adapter folder;
-    `kernels` picks "torch" or "triton" (default: Triton on CUDA). `model(input_ids)` -> logits.
+    `dtype` None keeps the dtype of the checkpoint's tensors (a file that mixes dtypes gets its config's
+    `torch_dtype`, else float32); `adapter` applies a PEFT LoRA adapter folder; `kernels` picks "torch"
+    or "triton" (default: Triton on CUDA). `model(input_ids)` -> logits. The device, the kernels and the
+    checkpoint's config and headers are all checked before any weight is read.
     """
-    folder = resolve_model_path(name_or_path)
-    device = torch.device(device or "cpu")
-    model = load_checkpoint(Path(folder), device=device, dtype=dtype, progress=progress)
-    model.source_path = Path(folder)
+    device = parse_device(device)
+    folder = Path(resolve_model_path(name_or_path))
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
+    config = ModelConfig.from_file(folder / "config.json")
+    backend = choose_kernels(device, kernels, config.head_dim)
+    model = load_checkpoint(folder, device=device, dtype=dtype, progress=progress, config=config)
+    model.source_path = folder
     if adapter is not None:
         from komt.model.lora import load_adapter
 
         load_adapter(model, adapter)
-    model.set_kernels(choose_kernels(device, kernels, model.config.head_dim))
+    model.set_kernels(backend)
     return model
