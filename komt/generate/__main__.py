@@ -1,5 +1,11 @@
-"""`python -m komt.generate`: see komt/generate/cli.py."""
+"""`python -m komt.generate`: see komt/generate/cli.py.
 
-from komt.generate.cli import main
+The import is inside the try: it pulls in torch (seconds), and a Ctrl-C then is an exit 130, not a traceback.
+"""
+
+try:
+    from komt.generate.cli import main
+except KeyboardInterrupt:
+    raise SystemExit(130) from None
 
 raise SystemExit(main())
