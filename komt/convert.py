@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from komt.interrupts import exit_on_interrupt, raise_on_interrupt
+
 
 def main(argv: list[str] | None = None) -> int:
     """Errors are one `error: ...` line and exit status 2, like the other entry points; Ctrl-C is 130."""
@@ -15,11 +17,13 @@ def main(argv: list[str] | None = None) -> int:
         "temp files left by a conversion that was killed are removed.",
     )
     parser.add_argument("folder", help="checkpoint folder holding pytorch_model.bin or its shards + index")
+    exit_on_interrupt()  # until torch is imported (komt.interrupts)
     try:
         args = parser.parse_args(argv)
-        from komt.errors import KomtError  # here, not at the top: a Ctrl-C while torch imports is caught
+        from komt.errors import KomtError
         from komt.model.convert import convert_to_safetensors
 
+        raise_on_interrupt()  # writing: a Ctrl-C must reach atomic_file's cleanup
         try:
             convert_to_safetensors(args.folder, log=lambda line: print(line, file=sys.stderr))
         except KomtError as err:

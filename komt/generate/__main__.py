@@ -1,11 +1,12 @@
 """`python -m komt.generate`: see komt/generate/cli.py.
 
-The import is inside the try: it pulls in torch (seconds), and a Ctrl-C then is an exit 130, not a traceback.
+Ctrl-C exits 130 at once until the model is loaded (komt.interrupts); the import below takes seconds.
 """
 
-try:
-    from komt.generate.cli import main
-except KeyboardInterrupt:
-    raise SystemExit(130) from None
+from komt.interrupts import exit_on_interrupt
+
+exit_on_interrupt()
+
+from komt.generate.cli import main  # noqa: E402
 
 raise SystemExit(main())

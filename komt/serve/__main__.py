@@ -82,6 +82,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from komt import load_model, load_tokenizer
     from komt.generate.cpu_decode import use_split_gemv
+    from komt.generate.vocab import check_tokenizer_fits
     from komt.serve.engine import Engine
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -89,9 +90,7 @@ def serve(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=device, dtype=args.dtype, adapter=args.adapter)
     use_split_gemv(model)  # on the CPU, a lone request's decode steps use all cores; a no-op elsewhere
     tokenizer = load_tokenizer(args.tokenizer or model.source_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                          f"{model.config.vocab_size}; pass the model's own --tokenizer")
+    check_tokenizer_fits(tokenizer.vocab_size, model.config.vocab_size, tokenizer.source)
     name = args.model_name or Path(model.source_path).name
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk)
