@@ -129,7 +129,7 @@ class ModelConfig:
                 raise ConfigError(f"{source}: missing required key {key!r}")
         n_heads, hidden = raw["num_attention_heads"], raw["hidden_size"]
         head_dim = raw.get("head_dim")
-        if head_dim is None and _is_int(n_heads) and _is_int(hidden) and n_heads > 0:
+        if head_dim is None and _is_int(n_heads) and _is_int(hidden) and 0 < n_heads <= MAX_SIZE:
             if hidden % n_heads:
                 raise ConfigError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads "
                                   f"{n_heads} and no head_dim is given")
