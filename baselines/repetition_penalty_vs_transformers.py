@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
