@@ -204,6 +204,7 @@ def check_utf8(text: str, what: str) -> str:
                               "pass UTF-8 text") from None
     return text
 
+
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return {
         "max_new_tokens": args.max_new_tokens,
