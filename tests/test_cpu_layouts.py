@@ -16,7 +16,7 @@ from komt.model import Transformer, preset
 def test_split_product_equals_linear(out_features, n_blocks, transposed):
     torch.manual_seed(0)
     linear = nn.Linear(48, out_features, bias=False).requires_grad_(False)
-    if transposed:  # the same (O, I) weight stored column-major, as use_split_gemv stores lm_head
+    if transposed:  # the same (O, I) weight stored column-major, as use_cpu_layouts stores lm_head
         linear.weight.data = linear.weight.data.t().contiguous().t()
     split = SplitGEMVLinear(linear, n_blocks)
     for shape in [(1, 48), (1, 1, 48), (48,), (3, 48), (2, 5, 48)]:  # one row -> bmm; more -> F.linear

@@ -81,10 +81,15 @@ def test_triton_path_generates_the_same_tokens_past_the_window(fixtures, triton_
 
 def test_kernel_choice(monkeypatch):
     monkeypatch.delenv("KOMT_KERNELS", raising=False)
-    assert choose_kernels(torch.device("cpu")) == "torch"
-    assert choose_kernels(torch.device("cpu"), "triton") == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu = torch.device("cpu")
+    assert choose_kernels(cpu) == "torch"
+    with pytest.raises(komt.ConfigError, match="needs a CUDA device"):  # no interpreter: triton needs CUDA
+        choose_kernels(cpu, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (only the choice is tested here: no kernel runs)
+    assert choose_kernels(cpu, "triton") == "triton"
     monkeypatch.setenv("KOMT_KERNELS", "triton")
-    assert choose_kernels(torch.device("cpu")) == "triton"
+    assert choose_kernels(cpu) == "triton"
     monkeypatch.setenv("KOMT_KERNELS", "cuda-magic")
     with pytest.raises(komt.ConfigError, match="cuda-magic"):
         choose_kernels(torch.device("cpu"))
@@ -112,7 +117,7 @@ def test_head_dim_the_kernels_cannot_tile_falls_back_or_errors(monkeypatch):
     monkeypatch.delenv("KOMT_KERNELS", raising=False)
     assert choose_kernels(torch.device("cuda"), head_dim=8) == "torch"  # default choice falls back, says so
     with pytest.raises(komt.ConfigError, match="head_dim"):
-        choose_kernels(torch.device("cpu"), "triton", head_dim=96)
+        choose_kernels(torch.device("cuda"), "triton", head_dim=96)
 
 
 @pytest.mark.slow

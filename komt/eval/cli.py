@@ -151,10 +151,12 @@ def run_perplexity(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error("--perplexity needs --model")
     import komt
     from komt.eval.perplexity import file_examples, perplexity
+    from komt.generate.vocab import check_tokenizer_fits
 
     model = komt.load_model(args.model, device=args.device or default_device(), dtype=args.dtype,
                             adapter=args.adapter, quantize=args.quantize, group_size=args.group_size)
     tokenizer = komt.load_tokenizer(args.tokenizer or getattr(model, "source_path", args.model))
+    check_tokenizer_fits(tokenizer.vocab_size, model.config.vocab_size, tokenizer.source)
     max_len = args.max_length or min(model.config.max_position_embeddings, DEFAULT_PPL_MAX_LEN)
     result = perplexity(model, file_examples(tokenizer, args.perplexity, max_len), max_len)
     note = f", {result.truncated} cut to {max_len} tokens" if result.truncated else ""

@@ -90,11 +90,20 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     return _download(name)
 
 
+def how_to_download(repo_id: str) -> str:
+    """What to tell a user whose model is not cached: `hf download` (huggingface_hub's command since
+    0.34; it no longer installs `huggingface-cli`), and the `hub` extra only if huggingface_hub is missing."""
+    if importlib.util.find_spec("huggingface_hub") is None:
+        return (f"install huggingface_hub (pip install 'komt[hub]') and run `hf download {repo_id}`, "
+                "or pass a local checkpoint folder with --model")
+    return f"download it with `hf download {repo_id}`, or pass a local checkpoint folder with --model"
+
+
 def _download(repo_id: str) -> Path:
-    how = (f"download it with `huggingface-cli download {repo_id}` (pip install 'komt[hub]') "
-           "or pass a local checkpoint folder with --model")
+    how = how_to_download(repo_id)
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-        raise CheckpointError(f"{repo_id}: not in the Hugging Face cache ({hub_cache_dir()}) and HF_HUB_OFFLINE is set; {how}")
+        raise CheckpointError(f"{repo_id}: not in the Hugging Face cache ({hub_cache_dir()}) and HF_HUB_OFFLINE "
+                              f"is set (unset it to download); {how}")
     try:
         from huggingface_hub import list_repo_files, snapshot_download
     except ImportError:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from komt.atomic import write_text_atomic
+from komt.jsonutil import read_json
 from komt.errors import CheckpointError, ConfigError
 from komt.model.linear import dense_weight, is_linear, replace_module
 
@@ -319,11 +320,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, config: LoRAConfig
 def read_adapter_config(folder: str | os.PathLike) -> LoRAConfig:
     path = Path(folder) / ADAPTER_CONFIG
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = read_json(path, ConfigError)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (is {folder} a PEFT LoRA adapter folder?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: unreadable adapter config: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return LoRAConfig.from_peft_dict(raw, source=str(path))

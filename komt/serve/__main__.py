@@ -83,6 +83,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from komt import load_model, load_tokenizer
+    from komt.generate.vocab import check_tokenizer_fits
     from komt.serve.engine import Engine
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -91,9 +92,7 @@ def serve(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=device, dtype=args.dtype, adapter=args.adapter,
                        quantize=args.quantize, group_size=args.group_size)
     tokenizer = load_tokenizer(args.tokenizer or model.source_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                          f"{model.config.vocab_size}; pass the model's own --tokenizer")
+    check_tokenizer_fits(tokenizer.vocab_size, model.config.vocab_size, tokenizer.source)
     name = args.model_name or Path(model.source_path).name
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk)
