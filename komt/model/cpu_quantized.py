@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from komt.model.linear import SharedInputGroup
-from komt.model.quant import pack_int4, unpack_int4
+from kernels.reference import unpack_int4
+from komt.model.quant import pack_int4
 from komt.model.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear, _frozen
 
 _PACK_BLOCK_N = 64  # rows per block of the int4 kernel's layout (AVX-512 / AVX2 builds of PyTorch 2.x)

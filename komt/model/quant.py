@@ -15,7 +15,9 @@ for weights, whose distributions are centred. int4 keeps an offset (the group's 
 because sixteen levels spread over [min, max] instead of [-absmax, absmax] lose about half a bit less on
 skewed groups; the CPU and Triton kernels apply it for free (a fused multiply-add). Scales are float16 like
 GGUF's, and q is computed against the *rounded* scale, so dequantization reproduces what was measured.
-Quantization works in row chunks: a 14336 x 4096 weight never exists twice in fp32.
+Quantization works in row chunks: a 14336 x 4096 weight never exists twice in fp32. Dequantization is the
+reference that states the formats' math for the kernels too: `kernels.reference.dequantize_int8` /
+`dequantize_int4` / `unpack_int4` (plain PyTorch, importable without triton).
 """
 
 from __future__ import annotations
@@ -49,14 +51,6 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[
     return q, scales
 
 
-def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(q int8 [O, I], scales [O, G]) -> W [O, I] in `dtype`."""
-    n_out, n_in = q.shape
-    g = n_in // scales.shape[1]
-    w = q.view(n_out, -1, g).float() * scales.float()[..., None]  # (O, I) -> (O, G, g); exact in fp32
-    return w.view(n_out, n_in).to(dtype)
-
-
 def quantize_int4(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [O, I] -> (packed uint8 [O, I // 2], scales float16 [O, I // g], offsets float16 [O, I // g])."""
     n_out, n_in = weight.shape
@@ -84,20 +78,3 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q [O, I] with values 0..15 -> uint8 [O, I // 2]: even columns in the low nibble, odd in the high."""
     q = q.to(torch.uint8)
     return q[:, 0::2] | (q[:, 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [O, I // 2] -> q uint8 [O, I] (the inverse of `pack_int4`)."""
-    low, high = packed & 0xF, packed >> 4
-    return torch.stack((low, high), dim=-1).view(packed.shape[0], -1)  # (O, I/2, 2) -> (O, I)
-
-
-def dequantize_int4(
-    packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """(packed [O, I // 2], scales [O, G], offsets [O, G]) -> W [O, I] in `dtype`."""
-    q = unpack_int4(packed)
-    n_out, n_in = q.shape
-    g = n_in // scales.shape[1]
-    w = q.view(n_out, -1, g).float() * scales.float()[..., None] + offsets.float()[..., None]  # (O, G, g)
-    return w.view(n_out, n_in).to(dtype)

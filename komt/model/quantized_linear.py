@@ -27,7 +27,8 @@ from torch import nn
 
 from komt.errors import ConfigError
 from komt.model.linear import replace_module
-from komt.model.quant import INT4_GROUP_SIZES, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from kernels.reference import dequantize_int4, dequantize_int8
+from komt.model.quant import INT4_GROUP_SIZES, quantize_int4, quantize_int8
 
 QUANTIZE_CHOICES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = {"int8": None, "int4": 32}  # int8: per output channel
@@ -104,7 +105,7 @@ class Int8Linear(QuantizedLinear):
                    torch.empty(out_features, in_features // g, dtype=torch.float16, device=device))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int8(self.weight, self.scales, dtype)
+        return dequantize_int8(self.weight, self.scales, self.group_size).to(dtype)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         if _triton_ready(x):
@@ -136,7 +137,7 @@ class Int4Linear(QuantizedLinear):
                    torch.empty(out_features, G, dtype=torch.float16, device=device))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int4(self.weight, self.scales, self.offsets, dtype)
+        return dequantize_int4(self.weight, self.scales, self.offsets, self.group_size).to(dtype)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         if _triton_ready(x):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.reference import dequantize_int4, dequantize_int8
 from komt.errors import CheckpointError
 
 GGUF_GROUP = 32
@@ -46,16 +47,9 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight [O, I] it stands for, by QUANT_SPEC's formula (in float32, then `dtype`)."""
-        rows, cols = self.shape
         if self.kind == "int8":
-            q = self.weight.float()
-        else:
-            q = torch.stack([self.weight & 0x0F, self.weight >> 4], dim=-1).reshape(rows, cols).float()  # [O, I/2, 2] -> [O, I]
-        groups = q.view(rows, cols // self.group_size, self.group_size)  # [O, I/g, g]
-        w = groups * self.scales.float().unsqueeze(-1)
-        if self.offsets is not None:
-            w = w + self.offsets.float().unsqueeze(-1)
-        return w.view(rows, cols).to(dtype)
+            return dequantize_int8(self.weight, self.scales, self.group_size).to(dtype)
+        return dequantize_int4(self.weight, self.scales, self.offsets, self.group_size).to(dtype)
 
 
 CANONICAL_TYPES = ("Q8_0", "Q4_0", "Q4_1")
