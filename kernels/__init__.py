@@ -8,8 +8,13 @@ so `import kernels` (and `kernels.reference`) works where triton is not installe
                                                        FlashAttention-2 prefill / flash-decoding (T == 1)
     kernels.paged_attention(q, k_pool, v_pool, tables, rows, q_pos, *, block_size, window, scale)
                                                        decode over a block-paged KV cache (block tables)
-    kernels.reference                                  the same math in PyTorch (+ attention_mask)
-    kernels.ops                                        both kernels as custom ops, for torch.compile
+    kernels.int8_matmul(x, weight, scales, group_size=None)
+    kernels.int4_matmul(x, weight, scales, offsets, group_size)
+                                                       dequantize-GEMV (decode) / -GEMM (prefill) on
+                                                       komt's int8 / int4 weights (QUANT_SPEC.md)
+    kernels.reference                                  the same math in PyTorch (+ attention_mask,
+                                                       dequantize_int8 / dequantize_int4)
+    kernels.ops                                        the kernels as custom ops, for torch.compile
     kernels.triton_available()                         can the kernels run on CUDA tensors here?
 
 The kernels take CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, as the tests do) and raise
@@ -22,14 +27,29 @@ import importlib.util
 
 import torch
 
-from kernels import ops  # registers the custom ops that compiled code calls (needs torch only)
+from kernels import ops  # registers the attention and RMSNorm custom ops (int8/int4: on first use); torch only
 from kernels._launch import needs_grad
-from kernels.reference import attention_mask, attention_reference, paged_attention_reference, rms_norm_reference
+from kernels.reference import (
+    attention_mask,
+    attention_reference,
+    dequantize_int4,
+    dequantize_int8,
+    int4_matmul_reference,
+    int8_matmul_reference,
+    paged_attention_reference,
+    rms_norm_reference,
+)
 
 __all__ = [
     "attention",
     "attention_mask",
     "attention_reference",
+    "dequantize_int4",
+    "dequantize_int8",
+    "int4_matmul",
+    "int4_matmul_reference",
+    "int8_matmul",
+    "int8_matmul_reference",
     "paged_attention",
     "paged_attention_reference",
     "rms_norm",
@@ -89,24 +109,13 @@ def attention(
     return attention_triton(q, k, v, causal=causal, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos)
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    tables: torch.Tensor,
-    rows: torch.Tensor,
-    q_pos: torch.Tensor,
-    *,
-    block_size: int,
-    window: int | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """One query per row, q [N, Hq, D], over a block-paged KV cache k_pool / v_pool [Hkv, n_slots, D] read through
-    block tables [R, max_blocks] (rows [N]: each query's table row; q_pos [N]: its position) -> [N, Hq, D].
-
-    Forward only. Reference: `kernels.reference.paged_attention_reference` (see kernels/paged_attention.py).
-    """
-    from kernels.paged_attention import paged_decode_attention
-
-    return paged_decode_attention(q, k_pool, v_pool, tables, rows, q_pos, block_size=block_size, window=window,
-                                  scale=scale)
+from kernels.reference import (
+    attention_mask,
+    attention_reference,
+    dequantize_int4,
+    dequantize_int8,
+    int4_matmul_reference,
+    int8_matmul_reference,
+    paged_attention_reference,
+    rms_norm_reference,
+)

@@ -1,6 +1,10 @@
 """komt: a from-scratch PyTorch reimplementation of the komt-mistral-7b-v1 stack.
 
 The stable API: `load_model`, `load_tokenizer`, and the error types.
+
+`load_model` is imported on first use (PEP 562 `__getattr__`), so `import komt` and the start of every
+`python -m komt.…` entry point do not import torch: an entry point's own code runs within milliseconds
+and catches a Ctrl-C during its (slow) imports, exiting 130 instead of printing a traceback.
 """
 
 from komt.errors import (
@@ -11,7 +15,6 @@ from komt.errors import (
     KomtError,
     TokenizerError,
 )
-from komt.model import load_model
 
 
 def load_tokenizer(path):
@@ -19,6 +22,18 @@ def load_tokenizer(path):
     from komt.generate.tokenizer import load_tokenizer as _load
 
     return _load(path)
+
+
+def __getattr__(name: str):
+    if name == "load_model":
+        from komt.model.load import load_model
+
+        return load_model
+    raise AttributeError(f"module 'komt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"load_model"})
 
 
 __all__ = ["load_model", "load_tokenizer", "KomtError", "ConfigError", "CheckpointError",

@@ -19,7 +19,7 @@ class CheckpointError(KomtError):
 
 
 class TokenizerError(KomtError):
-    """A tokenizer file is missing or unreadable."""
+    """A tokenizer file is missing or unreadable, or its vocabulary does not fit the model's."""
 
 
 class GenerationError(KomtError):

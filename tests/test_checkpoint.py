@@ -85,7 +85,7 @@ def test_bin_shards_load_directly_and_convert(mistral, expected):
     assert [p.name for p in written] == [
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
     assert {p.name: p.read_bytes() for p in mistral.glob("*.bin")} == bins_before  # untouched
-    assert not list(mistral.glob(".*tmp"))  # no temp files left
+    assert not list(mistral.glob(".*komt-tmp-*"))  # no temp files left
     converted = logits_of(komt.load_model(mistral), expected)  # safetensors now preferred
     torch.testing.assert_close(converted, direct, atol=0, rtol=0)
 
@@ -103,7 +103,47 @@ def test_convert_cli(mistral):
     assert run.returncode == 0, run.stderr
     assert (mistral / "model.safetensors.index.json").exists()
     again = subprocess.run([sys.executable, "-m", "komt.convert", str(mistral)], capture_output=True, text=True)
-    assert again.returncode != 0 and again.stderr.startswith("error:") and "Traceback" not in again.stderr
+    assert again.returncode == 2  # like every other entry point
+    assert again.stderr == f"error: {mistral}: already has safetensors weights; nothing to convert\n"
+
+
+def test_convert_killed_mid_write_leaves_a_temp_file_the_next_run_removes(mistral, tmp_path):
+    """A real SIGKILL while a shard is being written: the temp file is named for its target and the next
+    conversion deletes it (its writer's flock died with it), then converts as if nothing happened."""
+    write_bin_shards(mistral, state_of(mistral))
+    # Slow the writer down so that the kill lands mid-write: each tensor's bytes wait 0.2 s.
+    slow = tmp_path / "slow_convert.py"
+    slow.write_text(
+        "import sys, time\n"
+        "import komt.model.safetensors_file as st\n"
+        "real = st.atomic_file\n"
+        "class Slow:\n"
+        "    def __init__(self, f): self.f = f\n"
+        "    def write(self, b): time.sleep(0.2); print('wrote', flush=True); return self.f.write(b)\n"
+        "    def __getattr__(self, name): return getattr(self.f, name)\n"
+        "from contextlib import contextmanager\n"
+        "@contextmanager\n"
+        "def slow_atomic(path, mode='w'):\n"
+        "    with real(path, mode) as f: yield Slow(f)\n"
+        "st.atomic_file = slow_atomic\n"
+        "from komt.convert import main\n"
+        "sys.exit(main([sys.argv[1]]))\n")
+    writer = subprocess.Popen([sys.executable, str(slow), str(mistral)], stdout=subprocess.PIPE, text=True)
+    for _ in range(6):  # the length, the header, then tensors: past the first 8 KiB buffer, inside shard 1
+        assert writer.stdout.readline() == "wrote\n"
+    writer.kill()
+    writer.wait(timeout=30)
+    writer.stdout.close()
+    stale = list(mistral.glob(".model-00001-of-00002.safetensors.komt-tmp-*"))
+    assert len(stale) == 1 and stale[0].stat().st_size > 0
+    assert not (mistral / "model-00001-of-00002.safetensors").exists()
+
+    run = subprocess.run([sys.executable, "-m", "komt.convert", str(mistral)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert f"removed {stale[0].name}, left by an interrupted conversion" in run.stderr
+    assert not list(mistral.glob(".*komt-tmp-*"))
+    converted = load_file(mistral / "model-00001-of-00002.safetensors")
+    assert converted.keys() == torch.load(mistral / "pytorch_model-00001-of-00002.bin").keys()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -123,14 +163,56 @@ def test_half_precision_checkpoint_keeps_its_dtype(mistral, expected, dtype):
     assert as_fp32.lm_head.weight.dtype == torch.float32
 
 
+def _rewrite(folder: Path, state: dict, config_changes: dict, drop: tuple[str, ...] = ()) -> None:
+    save_file(state, folder / "model.safetensors")
+    raw = json.loads((folder / "config.json").read_text())
+    for key in drop:
+        raw.pop(key, None)
+    raw |= config_changes
+    (folder / "config.json").write_text(json.dumps(raw))
+
+
+def test_bf16_file_without_torch_dtype_stays_bf16(mistral):
+    """dtype=None keeps the tensors' own dtype; the config's torch_dtype (absent here) does not override it."""
+    _rewrite(mistral, {k: v.to(torch.bfloat16) for k, v in state_of(mistral).items()}, {}, drop=("torch_dtype",))
+    assert {p.dtype for p in komt.load_model(mistral).parameters()} == {torch.bfloat16}
+
+
+def test_bf16_file_whose_config_says_float32_stays_bf16(mistral):
+    _rewrite(mistral, {k: v.to(torch.bfloat16) for k, v in state_of(mistral).items()}, {"torch_dtype": "float32"})
+    assert {p.dtype for p in komt.load_model(mistral).parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("declared, want", [({"torch_dtype": "float16"}, torch.float16),
+                                            ({"dtype": "bfloat16"}, torch.bfloat16), ({}, torch.float32)])
+def test_a_file_that_mixes_dtypes_takes_the_config_dtype_else_fp32(mistral, expected, declared, want):
+    state = state_of(mistral)
+    mixed = {k: v.to(torch.bfloat16) if i % 2 else v for i, (k, v) in enumerate(sorted(state.items()))}
+    _rewrite(mistral, mixed, declared, drop=("torch_dtype",))
+    model = komt.load_model(mistral)
+    assert {p.dtype for p in model.parameters()} == {want}
+    logits = logits_of(model, expected)
+    assert (logits - expected["logits"]).abs().max() < 0.1  # bf16-rounded weights: close, not equal
+
+
+def test_a_saved_rope_inv_freq_does_not_make_a_file_mixed(mistral):
+    """Old Llama exports keep RoPE's inv_freq in fp32 beside fp16 weights; it is skipped, so not counted."""
+    state = {k: v.to(torch.float16) for k, v in state_of(mistral).items()}
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    _rewrite(mistral, state, {}, drop=("torch_dtype",))
+    assert {p.dtype for p in komt.load_model(mistral).parameters()} == {torch.float16}
+
+
 def test_dtype_argument_converts(fixtures, expected):
     model = komt.load_model(fixtures / "tiny-mistral", dtype="bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_same_dtype_cpu_load_is_zero_copy(fixtures):
-    """Weights already in the target dtype are used in place from the memory map (no second copy)."""
-    model = komt.load_model(fixtures / "tiny-mistral")
+    """Weights already in the target dtype are used in place from the memory map (no second copy).
+
+    (layout="plain": the CPU layouts re-lay some fp32 weights out for decoding, after loading.)"""
+    model = komt.load_model(fixtures / "tiny-mistral", layout="plain")
     mapped = SafetensorsFile(fixtures / "tiny-mistral" / "model.safetensors")
     assert not model.lm_head.weight.untyped_storage().resizable()  # a frombuffer view, not an allocated copy
     torch.testing.assert_close(model.lm_head.weight, mapped.tensor("lm_head.weight"))
@@ -178,8 +260,24 @@ def test_hf_home_layout_and_newest_snapshot_without_ref(fixtures, tmp_path, monk
 def test_uncached_hub_id_offline_says_how_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="huggingface-cli download org/absent"):
+    with pytest.raises(CheckpointError, match=r"HF_HUB_OFFLINE is set \(unset it to download\); download it "
+                                              r"with `hf download org/absent`, or pass a local checkpoint folder"):
         komt.load_model("org/absent")
+
+
+def test_download_advice_suggests_the_hub_extra_only_when_huggingface_hub_is_missing(monkeypatch):
+    """huggingface_hub >= 0.34 installs `hf`, not `huggingface-cli`; the extra is advice only for those without it."""
+    import importlib.util
+
+    from komt.model.hub import how_to_download
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "huggingface_hub" else real_find_spec(name, *a))
+    assert how_to_download("org/m") == ("install huggingface_hub (pip install 'komt[hub]') and run "
+                                        "`hf download org/m`, or pass a local checkpoint folder with --model")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert how_to_download("org/m") == "download it with `hf download org/m`, or pass a local checkpoint folder with --model"
 
 
 # --- bad input -----------------------------------------------------------------------------------------

@@ -83,10 +83,13 @@ def test_generate_and_stream_text_share_one_decoding_state(model_32k, tokenizer)
         assert text == tokenizer.decode(ids)
 
 
-def test_batched_sampling_rows_stop_at_their_own_limits(mistral):
-    short = [1] + [7] * (mistral.config.max_position_embeddings - 4)  # room for 3 new tokens only
-    out = generate_batch(mistral, [[1, 5, 9], short], max_new_tokens=10, temperature=0.9, seed=0)
-    assert [len(o) for o in out] == [10, 3]
+def test_batched_prompt_and_max_new_tokens_past_the_context_is_refused(mistral):
+    """One rule for generate, generate_batch, the CLI and the server: prompt + max_new_tokens must fit."""
+    long = [1] + [7] * (mistral.config.max_position_embeddings - 4)  # room for 3 new tokens only
+    out = generate_batch(mistral, [[1, 5, 9], long], max_new_tokens=3, temperature=0.9, seed=0)
+    assert [len(o) for o in out] == [3, 3]
+    with pytest.raises(GenerationError, match="together past the model's context of 256; use max_new_tokens 3"):
+        generate_batch(mistral, [[1, 5, 9], long], max_new_tokens=10, temperature=0.9, seed=0)
 
 
 def test_generate_then_rescore_gives_the_same_logprobs(mistral):
@@ -120,7 +123,9 @@ def test_stops_at_max_new_tokens_and_at_the_context(mistral):
     assert len(generate(mistral, [1, 2, 3], max_new_tokens=7)) == 7
     context = mistral.config.max_position_embeddings
     prompt = [1] * (context - 2)
-    assert len(generate(mistral, prompt, max_new_tokens=50)) == 2  # only 2 positions left
+    assert len(generate(mistral, prompt, max_new_tokens=2)) == 2  # the last 2 positions
+    with pytest.raises(GenerationError, match="254 tokens and max_new_tokens is 3: together past"):
+        generate(mistral, prompt, max_new_tokens=3)  # refused, not silently cut
 
 
 def test_stats_count_tokens_and_time(mistral):
@@ -177,11 +182,11 @@ def test_stop_string_that_never_appears_changes_nothing(model_32k, tokenizer):
 
 
 def test_split_gemv_generates_the_reference_ids():
-    from komt.generate.cpu_decode import use_split_gemv
+    from komt.model.cpu_layouts import use_cpu_layouts
 
     model = komt.load_model(FIXTURES / "tiny-llama")  # tied embeddings: the transposed lm_head is shared
     expected = load_file(FIXTURES / "tiny-llama" / "expected.safetensors")
-    assert use_split_gemv(model, threads=2) > 0
+    assert use_cpu_layouts(model, threads=2) > 0
     assert model.lm_head.weight is model.model.embed_tokens.weight
     prompt = expected["greedy_prompt"][0].tolist()
     want = expected["greedy_new_ids"][0].tolist()
@@ -191,11 +196,11 @@ def test_split_gemv_generates_the_reference_ids():
 @pytest.mark.slow
 def test_compiled_split_gemv_decode_generates_the_reference_ids():
     """The fused/split CPU products inside a compiled step (an opaque custom op there) change no token."""
-    from komt.generate.cpu_decode import use_split_gemv
+    from komt.model.cpu_layouts import use_cpu_layouts
 
     model = komt.load_model(FIXTURES / "tiny-llama")
     expected = load_file(FIXTURES / "tiny-llama" / "expected.safetensors")
-    assert use_split_gemv(model, threads=2) > 0
+    assert use_cpu_layouts(model, threads=2) > 0
     prompt = expected["greedy_prompt"][0].tolist()
     want = expected["greedy_new_ids"][0].tolist()
     assert generate(model, prompt, max_new_tokens=len(want), compile_mode="default") == want

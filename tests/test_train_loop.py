@@ -14,7 +14,7 @@ from conftest import write_checkpoint
 import torch
 
 import komt
-from komt.errors import ConfigError
+from komt.errors import ConfigError, TokenizerError
 from komt.generate import generate
 from komt.generate.prompt import format_prompt
 from komt.model import Transformer, preset
@@ -157,7 +157,7 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused(data, tmp_path):
     model = Transformer(preset("tiny-mistral-32k", vocab_size=1000))
     (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
     write_safetensors(folder / "model.safetensors", list(model.state_dict().items()))
-    with pytest.raises(ConfigError, match="32000 tokens"):
+    with pytest.raises(TokenizerError, match="has 32000 tokens but the model's embedding only 1000"):
         run(folder, data, tmp_path / "run", tokenizer=str(TOKENIZER))
 
 

@@ -1,16 +1,38 @@
-"""Text in, text out: tokenizer, prompt format, KV cache, sampler, decoding loop, streaming, CLI."""
+"""Text in, text out: tokenizer, prompt format, KV cache, sampler, decoding loop, streaming, CLI.
 
-from komt.generate.generation import (
-    GenerationStats,
-    decode_step,
-    generate,
-    generate_batch,
-    prefill,
-    stream_generate,
-    stream_text,
-)
-from komt.generate.sampling import SamplingParams, sample
-from komt.generate.tokenizer import Tokenizer, load_tokenizer
+The names below are imported on first use (PEP 562 `__getattr__`, as in komt/__init__.py), so that
+`python -m komt.generate` reaches its entry point before torch is imported (see komt/generate/__main__.py).
+"""
+
+import importlib
+
+# name -> the module that defines it
+_EXPORTS = {
+    "GenerationStats": "komt.generate.generation",
+    "decode_step": "komt.generate.generation",
+    "generate": "komt.generate.generation",
+    "generate_batch": "komt.generate.generation",
+    "prefill": "komt.generate.generation",
+    "stream_generate": "komt.generate.generation",
+    "stream_text": "komt.generate.generation",
+    "SamplingParams": "komt.generate.sampling",
+    "sample": "komt.generate.sampling",
+    "Tokenizer": "komt.generate.tokenizer",
+    "load_tokenizer": "komt.generate.tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'komt.generate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # found once; later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = ["generate", "generate_batch", "stream_generate", "stream_text", "prefill", "decode_step",
            "sample", "SamplingParams", "GenerationStats", "Tokenizer", "load_tokenizer"]

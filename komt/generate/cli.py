@@ -13,10 +13,15 @@ Prompts are framed as the model was trained: a single prompt as the model card's
 
 Dtype: `--dtype auto` (the default) is bf16 on CUDA (the model card's) and the checkpoint's own dtype on
 the CPU (so the 7B bf16 checkpoint loads in 14.5 GB; an fp32 checkpoint stays fp32). On the CPU the
-single-row matrix products are split across cores (komt.generate.cpu_decode).
+single-row matrix products are split across cores (komt.model.cpu_layouts, applied by load_model).
 
-Bad input (missing model, empty or too long prompt, bad sampling value) is one `error: ...` line on stderr
-and exit status 2 (argparse's own errors: its usage line, status 2).
+Bad input (missing model, empty or too long prompt, bad sampling value, an unknown or absent device,
+text that is not UTF-8, a closed stdin or an unwritable stdout) is one `error: ...` line on stderr and exit
+status 2 (argparse's own errors: its usage line, status 2); Ctrl-C, also while starting, is exit 130.
+
+The prompt plus --max-new-tokens must fit the model's context, or it is an error before anything is
+generated (a chat drops its oldest exchanges to make room); the library's `generate` and the server
+apply the same rule. `--chat --prompt X` starts the chat with X as the first message.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Sequence, TextIO
 import torch
 
 from komt.errors import GenerationError, KomtError
+from komt.interrupts import raise_on_interrupt
 
 DEFAULT_MODEL = "davidkim205/komt-mistral-7b-v1"
 COMPILE_MODES = ("off", "default", "reduce-overhead")
@@ -68,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"checkpoint folder or Hugging Face id (default {DEFAULT_MODEL})")
-    p.add_argument("--prompt", help="the prompt; without it, a chat on a terminal or one prompt read from stdin")
+    p.add_argument("--prompt", help="the prompt; without it, a chat on a terminal or one prompt read from stdin "
+                                    "(with --chat: the chat's first message)")
     p.add_argument("--chat", action="store_true",
                    help="interactive multi-turn chat (/reset clears history, /exit or Ctrl-D quits)")
     p.add_argument("--max-new-tokens", type=_number(int, "--max-new-tokens", 1), default=1024, metavar="N",
-                   help="at most N new tokens (default 1024)")
+                   help="at most N new tokens (default 1024); the prompt plus N must fit the model's context, "
+                        "else it is an error (a chat drops its oldest exchanges to make room)")
     p.add_argument("--temperature", type=_number(float, "--temperature", 0.0), default=0.8, metavar="T",
                    help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=_number(int, "--top-k", 0), default=100, metavar="K", help="0 = off (default 100)")
@@ -88,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply")
     p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model or its folder (default: the model folder's)")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="quantize the linear layers while loading: int8 per channel, int4 in groups of 32")
+    p.add_argument("--group-size", type=_number(int, "--group-size", 1), metavar="G",
+                   help="quantization group size (int8: default per channel; int4: 32, 64 or 128)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="off",
                    help="torch.compile the decode step (reduce-overhead = CUDA graphs); compiling takes a while")
     return p
@@ -153,19 +165,47 @@ def open_checkpoint(args: argparse.Namespace):
 
 def load_weights(args: argparse.Namespace, folder: Path, stderr: TextIO):
     """The model on the requested device, in the requested dtype, with a progress bar for big checkpoints."""
-    from komt.generate.cpu_decode import use_split_gemv
-    from komt.model import load_model
+    from komt.model.load import load_model, parse_device
 
-    device = torch.device(args.device or default_device())
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenerationError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    model = load_model(folder, device=device, dtype=resolve_dtype(args.dtype, device), adapter=args.adapter,
-                       kernels=args.kernels, progress=LoadProgress(stderr))
-    use_split_gemv(model)  # CPU decoding layouts; a no-op on other devices
-    return model
+    device = parse_device(args.device or default_device())  # `gpu0`, or CUDA absent: one error line
+    return load_model(folder, device=device, dtype=resolve_dtype(args.dtype, device), adapter=args.adapter,
+                      kernels=args.kernels, progress=LoadProgress(stderr), quantize=args.quantize,
+                      group_size=args.group_size)
 
 
 # ---- answering ------------------------------------------------------------------------------------------
+
+class OutputError(Exception):
+    """stdout cannot take the answer (a full disk, /dev/full, a closed descriptor). Not a KomtError: the
+    chat loop must not catch it and go on writing to nowhere."""
+
+
+def emit(stdout: TextIO, text: str) -> None:
+    """Write and flush `text`; a failed write is an OutputError (a closed pipe stays BrokenPipeError)."""
+    try:
+        stdout.write(text)
+        stdout.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as err:  # ValueError: "I/O operation on closed file"
+        raise OutputError(getattr(err, "strerror", None) or str(err)) from None
+
+
+def check_utf8(text: str, what: str) -> str:
+    """`text` unchanged if it is valid Unicode; else a GenerationError naming the first bad byte.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates (argv, and stdin as `main` reconfigures it,
+    use "surrogateescape"); the tokenizer would fail on them with a traceback.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+        what_char = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"lone surrogate U+{char:04X}"
+        raise GenerationError(f"{what} is not valid UTF-8 ({what_char} at character {err.start}); "
+                              "pass UTF-8 text") from None
+    return text
+
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return {
@@ -190,39 +230,49 @@ def stream_answer(model, tokenizer, prompt_ids: Sequence[int], args: argparse.Na
     try:
         for piece in stream:
             pieces.append(piece)
-            stdout.write(piece)
-            stdout.flush()
+            emit(stdout, piece)
     except KeyboardInterrupt:
         stream.close()
-        stdout.write("\n")
-        stdout.flush()
+        emit(stdout, "\n")
         stderr.write(f"[interrupted; {stats.summary()}]\n")
         raise
-    stdout.write("\n")
-    stdout.flush()
+    emit(stdout, "\n")
     stderr.write(f"[{stats.summary()}]\n")
     stderr.flush()
     return "".join(pieces)
 
 
-def fit_history(tokenizer, messages: list[dict], context: int) -> list[int]:
-    """Ids of the conversation; drops the oldest exchanges (in place) until the prompt fits the context."""
+def check_fits(n_prompt: int, max_new_tokens: int, context: int, what: str = "the prompt") -> None:
+    """The prompt and --max-new-tokens together within the context (the library's own rule, named by flag)."""
+    if n_prompt >= context:
+        raise GenerationError(f"{what} is {n_prompt} tokens; the model's context is {context} (shorten it)")
+    if n_prompt + max_new_tokens > context:
+        raise GenerationError(f"{what} is {n_prompt} tokens and --max-new-tokens {max_new_tokens}: together past "
+                              f"the model's context of {context}; use --max-new-tokens {context - n_prompt} or less")
+
+
+def fit_history(tokenizer, messages: list[dict], context: int, max_new_tokens: int = 0) -> list[int]:
+    """Ids of the conversation; drops the oldest exchanges (in place) until the prompt and the answer's
+    max_new_tokens fit the context."""
     from komt.generate.prompt import format_chat
 
     while True:
         ids = format_chat(tokenizer, messages)
-        if len(ids) < context or len(messages) <= 1:
+        if len(ids) + max_new_tokens <= context or len(messages) <= 1:
             break
         del messages[:2]  # the oldest user message and its answer
-    if len(ids) >= context:
-        raise GenerationError(f"the message is {len(ids)} tokens; the model's context is {context} (shorten it)")
+    check_fits(len(ids), max_new_tokens, context, what="the message")
     return ids
 
 
 def chat(model, tokenizer, context: int, args: argparse.Namespace,
-         stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
-    """The interactive loop: `> ` prompt, history in Mistral's chat format, /reset, /exit, Ctrl-D."""
-    interactive = stdin.isatty()
+         stdin: TextIO | None, stdout: TextIO, stderr: TextIO, first: str | None = None) -> int:
+    """The interactive loop: `> ` prompt, history in Mistral's chat format, /reset, /exit, Ctrl-D.
+
+    `first` (from --prompt) is the first message, answered before stdin is read; a closed stdin then
+    ends the chat like Ctrl-D.
+    """
+    interactive = stdin is not None and stdin.isatty()
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -232,7 +282,11 @@ def chat(model, tokenizer, context: int, args: argparse.Namespace,
     messages: list[dict] = []
     while True:
         try:
-            if interactive:
+            if first is not None:
+                line, first = first, None
+            elif stdin is None:
+                raise EOFError
+            elif interactive:
                 line = input("> ")
             else:
                 stderr.write("> ")
@@ -255,9 +309,14 @@ def chat(model, tokenizer, context: int, args: argparse.Namespace,
             messages.clear()
             stderr.write("(history cleared)\n")
             continue
+        try:
+            check_utf8(text, "the message")
+        except KomtError as err:
+            stderr.write(f"error: {err}\n")
+            continue
         messages.append({"role": "user", "content": text})
         try:
-            ids = fit_history(tokenizer, messages, context)
+            ids = fit_history(tokenizer, messages, context, args.max_new_tokens)
             answer = stream_answer(model, tokenizer, ids, args, stdout, stderr)
         except KomtError as err:
             messages.pop()
@@ -278,31 +337,56 @@ def chat(model, tokenizer, context: int, args: argparse.Namespace,
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """Everything after argument parsing; raises KomtError for bad input."""
     from komt.generate.prompt import format_prompt
+    from komt.generate.vocab import check_tokenizer_fits
 
-    want_chat = args.chat or (args.prompt is None and stdin.isatty())
+    want_chat = args.chat or (args.prompt is None and stdin is not None and stdin.isatty())
     prompt = args.prompt
+    if want_chat and prompt is None and stdin is None:
+        raise GenerationError("--chat reads messages from stdin, which is closed; give it a terminal or a pipe")
     if not want_chat:
         if prompt is None:
+            if stdin is None:
+                raise GenerationError("no prompt: stdin is closed; pass --prompt TEXT or pipe text to stdin")
             prompt = stdin.read()
         if not prompt.strip():
             raise GenerationError("the prompt is empty: pass --prompt TEXT, pipe text to stdin, or use --chat")
+    if prompt is not None:
+        check_utf8(prompt, "--prompt" if args.prompt is not None else "stdin")
+    for stop in args.stop:
+        check_utf8(stop, "--stop")
     folder, tokenizer, config = open_checkpoint(args)
+    check_tokenizer_fits(tokenizer.vocab_size, config.vocab_size, tokenizer.source, stderr)
     context = config.max_position_embeddings
     ids = None
     if not want_chat:
         ids = format_prompt(tokenizer, prompt.strip())
-        if len(ids) >= context:
-            raise GenerationError(f"the prompt is {len(ids)} tokens; the model's context is {context} (shorten it)")
+        check_fits(len(ids), args.max_new_tokens, context)
     model = load_weights(args, folder, stderr)
+    raise_on_interrupt()  # loaded: from here Ctrl-C stops an answer (and its stats line prints)
     if want_chat:
-        return chat(model, tokenizer, context, args, stdin, stdout, stderr)
+        first = prompt.strip() if prompt is not None and prompt.strip() else None
+        return chat(model, tokenizer, context, args, stdin, stdout, stderr, first=first)
     stream_answer(model, tokenizer, ids, args, stdout, stderr)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # bad flags: usage line + exit 2 (argparse)
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so the interpreter's last flush of the unwritable stdout does not fail again."""
     try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)  # bad flags: usage line + exit 2 (argparse)
+        if sys.stdout is None:  # started with `>&-`
+            print("error: stdout is closed; redirect it to a file or /dev/null", file=sys.stderr)
+            return 2
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes reach check_utf8, not a traceback
         return run(args, sys.stdin, sys.stdout, sys.stderr)
     except KomtError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -310,7 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except OutputError as err:
+        print(f"error: cannot write the answer to stdout: {err}", file=sys.stderr)
+        _silence_stdout()
+        return 2
     except BrokenPipeError:  # `... | head`: the reader left; say nothing
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         return 0

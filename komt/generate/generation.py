@@ -160,7 +160,8 @@ def mark_static(cache: KVCache) -> None:
 
 
 def _check_request(model, prompt_ids: Sequence[int], max_new_tokens: int) -> int:
-    """Validate a prompt; return how many new tokens fit in the context."""
+    """Validate a prompt and its max_new_tokens, which must fit the context together (an error, not a
+    silent cut: the CLI and the server apply the same rule); return max_new_tokens."""
     if len(prompt_ids) == 0:
         raise GenerationError("the prompt is empty")
     if max_new_tokens < 0:
@@ -172,7 +173,11 @@ def _check_request(model, prompt_ids: Sequence[int], max_new_tokens: int) -> int
     context = model.config.max_position_embeddings
     if len(prompt_ids) >= context:
         raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")
-    return min(max_new_tokens, context - len(prompt_ids))
+    if len(prompt_ids) + max_new_tokens > context:
+        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens and max_new_tokens is {max_new_tokens}: "
+                              f"together past the model's context of {context}; use max_new_tokens "
+                              f"{context - len(prompt_ids)} or less")
+    return max_new_tokens
 
 
 def _states(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, tokenizer=None, stop=(),

@@ -16,6 +16,7 @@ from pathlib import Path
 import sentencepiece
 
 from komt.errors import TokenizerError
+from komt.jsonutil import require_regular_file
 
 TOKENIZER_FILE = "tokenizer.model"
 SPACE = "\u2581"  # sentencepiece's word-boundary marker "▁", decoded as " "
@@ -85,9 +86,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load `tokenizer.model` from a checkpoint folder, or the file itself; any failure is a TokenizerError."""
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
-    if not file.is_file():
+    if not file.exists():
         where = f"folder {path} has no {TOKENIZER_FILE}" if path.is_dir() else f"{path} does not exist"
         raise TokenizerError(f"{where}; pass a checkpoint folder containing {TOKENIZER_FILE} or the file itself")
+    require_regular_file(file, TokenizerError)  # a FIFO would block in read_bytes
     try:
         data = file.read_bytes()
     except OSError as e:

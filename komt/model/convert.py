@@ -5,6 +5,7 @@ transformers default in 2023). komt reads those directly, but safetensors files 
 map, no unpickling) and safely everywhere. The conversion keeps the shard layout: shard k becomes
 `model-0000k-of-0000n.safetensors`, and `model.safetensors.index.json` maps every tensor to its file.
 Each file is written atomically, one tensor at a time from a memory map; the `.bin` files are untouched.
+A conversion killed mid-write leaves a `.<shard>.komt-tmp-*` file; the next run removes it (komt.atomic).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from komt.atomic import write_text_atomic
+from komt.atomic import remove_stale_temp_files, write_text_atomic
 from komt.errors import CheckpointError
 from komt.model.checkpoint import ShardReader, find_weight_shards
 from komt.model.safetensors_file import write_safetensors
@@ -33,11 +34,15 @@ def convert_to_safetensors(folder: str | os.PathLike, log: Callable[[str], None]
     if shards[0].suffix == ".safetensors":
         raise CheckpointError(f"{folder}: already has safetensors weights; nothing to convert")
     n = len(shards)
+    targets = [folder / ("model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors")
+               for k in range(1, n + 1)]
+    for target in [*targets, folder / "model.safetensors.index.json"]:
+        for stale in remove_stale_temp_files(target):  # a run killed mid-write (SIGKILL) could not
+            log(f"removed {stale.name}, left by an interrupted conversion")
     written: list[Path] = []
     weight_map: dict[str, str] = {}
     total_size = 0
-    for k, shard in enumerate(shards, start=1):
-        target = folder / ("model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors")
+    for shard, target in zip(shards, targets):
         reader = ShardReader(shard)
         tensors = [(name, reader.tensor(name)) for name in reader.names()]
         write_safetensors(target, tensors, metadata={"format": "pt"})

@@ -7,8 +7,9 @@ then the raw tensor bytes, offsets relative to the end of the header.
 Why not `safetensors.torch.load_file`: komt must load a 14.5 GB checkpoint on a 24 GiB machine. Here each
 tensor is a zero-copy view of a private memory map; the loader converts it to the target dtype/device and,
 when that made a copy, tells the kernel it can drop the mapped pages (`release`). Writing streams one
-tensor at a time, so converting a shard never holds the shard twice. Every header field is checked
-against the file size, so a truncated or corrupt file is a one-line `CheckpointError`, not a segfault.
+tensor at a time, so converting a shard never holds the shard twice. Every header field is checked (its
+type, and each byte range against the file size and the other tensors' ranges), so a truncated, corrupt
+or hostile file is a one-line `CheckpointError`, not a segfault or two tensors sharing bytes.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, NamedTuple
 
 import torch
 
 from komt.atomic import atomic_file
 from komt.errors import CheckpointError
+from komt.jsonutil import parse_json, require_regular_file
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -34,12 +36,29 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
 
 
+class _Entry(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # byte offsets relative to the end of the header
+    end: int
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # JSON `true` is a bool, and Python's bool is an int
+
+
 class SafetensorsFile:
-    """A memory-mapped safetensors file whose tensors are read by name, lazily and without copying."""
+    """A memory-mapped safetensors file whose tensors are read by name, lazily and without copying.
+
+    The header is validated whole on opening: field types (a string, float, negative or boolean where an
+    integer belongs), each tensor's byte range against its dtype and shape and the file size, and that
+    no two tensors share bytes. A tensor read later is therefore always a view of its own bytes.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
+            require_regular_file(self.path, CheckpointError)  # a FIFO would block in open
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < 8:
@@ -52,63 +71,75 @@ class SafetensorsFile:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except OSError as err:
             raise CheckpointError(f"{self.path}: cannot read: {err.strerror or err}") from None
-        try:
-            header = json.loads(header_bytes)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not JSON)") from None
+        header = parse_json(header_bytes, f"{self.path}: corrupt safetensors header", CheckpointError)
         if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header")
-        self.metadata = header.pop("__metadata__", None) or {}
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        metadata = header.pop("__metadata__", None)
+        if not isinstance(metadata, (dict, type(None))):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (__metadata__ is not an object)")
+        self.metadata = metadata or {}
         self._data_start = 8 + header_len
-        self._entries = header
         data_size = size - self._data_start
-        for name, entry in header.items():
-            self._check_entry(name, entry, data_size)
+        self._entries = {name: self._check_entry(name, entry, data_size) for name, entry in header.items()}
+        self._check_no_overlap()
 
-    def _check_entry(self, name: str, entry: dict, data_size: int) -> None:
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            begin, end = entry["data_offsets"]
-            numel = 1
-            for dim in entry["shape"]:
-                numel *= int(dim)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{self.path}: corrupt header entry for tensor {name!r}") from None
+    def _check_entry(self, name: str, entry: object, data_size: int) -> _Entry:
+        bad = f"{self.path}: corrupt header entry for tensor {name!r:.80}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{bad}: expected an object, got {entry!r:.40}")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(f"{bad}: dtype {dtype!r:.20} is not one of {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+            raise CheckpointError(f"{bad}: shape must be a list of non-negative integers, got {shape!r:.60}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_int(o) and 0 <= o < 2**63 for o in offsets)):
+            raise CheckpointError(f"{bad}: data_offsets must be two non-negative integers, got {offsets!r:.60}")
+        begin, end = offsets
+        numel = 1
+        for dim in shape:
+            numel *= dim
         if end > data_size:
             raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends past the end of the file")
-        if not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+        if begin > end or end - begin != numel * DTYPES[dtype].itemsize:
             raise CheckpointError(f"{self.path}: corrupt header: tensor {name!r} has inconsistent offsets")
+        return _Entry(DTYPES[dtype], tuple(shape), begin, end)
+
+    def _check_no_overlap(self) -> None:
+        """Two tensors viewing the same bytes would alias: writing one would change the other."""
+        ranges = sorted((e.begin, e.end, name) for name, e in self._entries.items() if e.end > e.begin)
+        for (_, end_a, a), (begin_b, _, b) in zip(ranges, ranges[1:]):
+            if begin_b < end_a:
+                raise CheckpointError(f"{self.path}: corrupt header: tensors {a!r} and {b!r} overlap in the file")
 
     def keys(self) -> list[str]:
         return list(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entries[name]["shape"])
+        return self._entries[name].shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self._entries[name]["dtype"]]
+        return self._entries[name].dtype
 
     def nbytes(self, name: str) -> int:
-        begin, end = self._entries[name]["data_offsets"]
-        return end - begin
+        entry = self._entries[name]
+        return entry.end - entry.begin
 
     def tensor(self, name: str) -> torch.Tensor:
         """A CPU tensor viewing the mapped bytes (no copy)."""
         entry = self._entries[name]
-        dtype = DTYPES[entry["dtype"]]
-        begin, end = entry["data_offsets"]
-        if begin == end:
-            return torch.empty(entry["shape"], dtype=dtype)
-        flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                offset=self._data_start + begin)
-        return flat.view(entry["shape"])
+        if entry.begin == entry.end:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        flat = torch.frombuffer(self._map, dtype=entry.dtype, count=(entry.end - entry.begin) // entry.dtype.itemsize,
+                                offset=self._data_start + entry.begin)
+        return flat.view(entry.shape)
 
     def release(self, name: str) -> None:
         """Drop the mapped pages of a tensor that has been copied elsewhere, so peak memory stays at one
         copy of the weights. Only for tensors no longer viewed: the pages read back from disk anyway."""
-        begin, end = self._entries[name]["data_offsets"]
-        start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
-        stop = self._data_start + end
+        entry = self._entries[name]
+        start = (self._data_start + entry.begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = self._data_start + entry.end
         if stop > start and hasattr(self._map, "madvise"):
             self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
@@ -138,9 +169,3 @@ def write_safetensors(
         for _, t in items:
             data = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
             f.write(memoryview(data.numpy()))
-
-
-def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    f = SafetensorsFile(path)
-    for name in f.keys():
-        yield name, f.tensor(name)

@@ -21,7 +21,7 @@ to reuse), and whether both answers are identical. A server without `cache_salt`
 reuses what it reuses either way; the cold figure is then not cold.
 
 Standard library only (threads and http.client), so it runs wherever Python does, against komt or any
-other OpenAI-compatible server (baselines/llamacpp_server.sh starts llama-cpp-python's on a GGUF).
+other OpenAI-compatible server (baselines/llamacpp_server.py starts llama-cpp-python's on a GGUF).
 """
 
 from __future__ import annotations

@@ -272,6 +272,3 @@ def _label_name(spec: TaskSpec, where: str, value) -> str | None:
         known = ", ".join(map(repr, list(spec.labels)[:10]))
         raise DataError(f"{where}: label {key!r} is not in {spec.labels_source} (known: {known})")
     return spec.labels[key]
-
-
-# ---- mixing: weights, duplicates, templates, statistics ----

@@ -47,7 +47,7 @@ TRANSLATION = [
     "아래 글을 {tgt_lang_ro} 자연스럽게 번역하세요.\n\n{source}",
 ]
 
-# Task kind -> (templates, the placeholders every template of that kind may use).
+# Task kind -> its instruction templates.
 TEMPLATES = {
     "qa": QA,
     "cls": CLASSIFICATION,
@@ -55,6 +55,7 @@ TEMPLATES = {
     "sum": SUMMARIZATION,
     "mt": TRANSLATION,
 }
+# Task kind -> the placeholders its templates may use (a user template naming another is refused).
 FIELDS = {
     "qa": {"context", "question"},
     "cls": {"text", "options"},

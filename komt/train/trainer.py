@@ -28,6 +28,7 @@ import torch
 
 from komt.errors import ConfigError, DataError, KomtError
 from komt.generate.tokenizer import Tokenizer, load_tokenizer
+from komt.generate.vocab import check_tokenizer_fits
 from komt.model.hub import resolve_model_path
 from komt.model.load import load_model
 from komt.atomic import write_text_atomic
@@ -166,9 +167,7 @@ def prepare_model(config: TrainConfig, model_path: Path, vocab_size: int, ctx: d
     # PyTorch's SDPA on every device: its fused backward is measured on the H100; the Triton kernels'
     # backward is tested but not yet timed there, so the Triton kernels stay the inference path.
     model = load_model(model_path, device=ctx.device, dtype=base_dtype, kernels="torch")
-    if vocab_size > model.config.vocab_size:
-        raise ConfigError(f"the tokenizer has {vocab_size} tokens but the model's vocabulary is "
-                          f"{model.config.vocab_size}; pass the model's own tokenizer")
+    check_tokenizer_fits(vocab_size, model.config.vocab_size, stderr=log)
     torch.manual_seed(config.seed)  # the LoRA init: identical in every process
     inject_lora(model, config.lora, lora_dtype=torch.float32)
     trainable, total = count_parameters(model)
