@@ -109,13 +109,58 @@ def attention(
     return attention_triton(q, k, v, causal=causal, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos)
 
 
-from kernels.reference import (
-    attention_mask,
-    attention_reference,
-    dequantize_int4,
-    dequantize_int8,
-    int4_matmul_reference,
-    int8_matmul_reference,
-    paged_attention_reference,
-    rms_norm_reference,
-)
+def int8_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int | None = None
+) -> torch.Tensor:
+    """y = x W^T for komt's int8 weight, W[o, i] = weight[o, i] * scales[o, i // g]: x [..., I] -> [..., O].
+
+    weight int8 [O, I], scales fp16 [O, I // g]; group_size None is per channel (g = I), otherwise a
+    multiple of 16 dividing I. x fp16/bf16/fp32; the result is in x's dtype, accumulated in fp32. M <= 16
+    rows (decode) run a dequantize-GEMV, more rows a dequantize-GEMM (`kernels._quant`). Differentiable in
+    x. Reference: `kernels.reference.int8_matmul_reference`.
+    """
+    if torch.compiler.is_compiling() and not needs_grad(x):
+        return ops.int8_matmul_op(x, weight, scales, group_size)  # opaque to torch.compile (see kernels.ops)
+    from kernels.dequant_matmul_int8 import int8_matmul_triton
+
+    return int8_matmul_triton(x, weight, scales, group_size)
+
+
+def int4_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """y = x W^T for komt's int4 weight, W[o, i] = q[o, i] * scales[o, i // g] + offsets[o, i // g].
+
+    weight uint8 [O, I // 2] (element 2j of a row in the low nibble of byte j, 2j + 1 in the high one),
+    scales and offsets fp16 [O, I // g], g a multiple of 32 (komt: 32, 64, 128). x fp16/bf16/fp32
+    [..., I] -> [..., O] in x's dtype, fp32 accumulation; GEMV for M <= 16 rows, GEMM beyond.
+    Differentiable in x. Reference: `kernels.reference.int4_matmul_reference`.
+    """
+    if torch.compiler.is_compiling() and not needs_grad(x):
+        return ops.int4_matmul_op(x, weight, scales, offsets, group_size)  # opaque to torch.compile
+    from kernels.dequant_matmul_int4 import int4_matmul_triton
+
+    return int4_matmul_triton(x, weight, scales, offsets, group_size)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    tables: torch.Tensor,
+    rows: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    block_size: int,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One query per row, q [N, Hq, D], over a block-paged KV cache k_pool / v_pool [Hkv, n_slots, D] read through
+    block tables [R, max_blocks] (rows [N]: each query's table row; q_pos [N]: its position) -> [N, Hq, D].
+
+    Forward only. Reference: `kernels.reference.paged_attention_reference` (see kernels/paged_decoding.py).
+    """
+    from kernels.paged_decoding import paged_decode_attention
+
+    return paged_decode_attention(q, k_pool, v_pool, tables, rows, q_pos, block_size=block_size, window=window,
+                                  scale=scale)

@@ -1,45 +1,24 @@
-"""The paged decode kernel (kernels/paged_attention.py) against its reference, and the reference against plain
+"""The paged decode kernel (kernels/paged_decoding.py) against its reference, and the reference against plain
 attention over each sequence's keys laid out contiguously.
 
-Without a GPU the kernel runs in Triton's CPU interpreter. TRITON_INTERPRET is set only while this module's
-kernel tests run (a module fixture sets it, then imports the kernel module) and restored afterwards.
-`triton.jit` chooses the interpreter when a function is defined, triton's own `tl.zeros` & co. included, so
-the variable must be set before triton is first imported in the process: this module does not import
-triton at collection, and says so if another module already imported it for the GPU.
+Without a GPU the kernel runs in Triton's CPU interpreter (the `interpret_without_gpu` fixture of
+tests/conftest.py turns it on for this module's tests only), over 16-slot blocks.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from kernels.reference import attention_reference, paged_attention_reference
+pytest.importorskip("triton", reason="triton is not installed")
+import kernels  # noqa: E402
+from kernels.reference import attention_reference, paged_attention_reference  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("interpret_without_gpu")  # the CPU interpreter, for this module only
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 BS = 16
-
-
-@pytest.fixture(scope="module")
-def paged():
-    """kernels.paged_attention, defined under the interpreter on the CPU (for this module's tests only)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    with pytest.MonkeyPatch.context() as patch:
-        if DEVICE == "cpu":
-            patch.setenv("TRITON_INTERPRET", "1")
-            if "triton" in sys.modules:
-                from triton.runtime.interpreter import InterpretedFunction
-
-                assert isinstance(sys.modules["triton.language"].zeros, InterpretedFunction), (
-                    "triton was imported without TRITON_INTERPRET before this module: run it in its own process")
-        import kernels.paged_attention as module
-
-        yield importlib.reload(module)  # defined now, under the interpreter
 
 
 def paged_cache(lengths, Hkv, D, dtype, *, shared_prefix_blocks=0, dropped=(), seed=0):
@@ -101,33 +80,33 @@ def test_reference_equals_attention_over_each_sequence_laid_out_contiguously(len
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths, Hq, Hkv, D, window, shared", CASES)
-def test_kernel_equals_reference(paged, lengths, Hq, Hkv, D, window, shared, dtype):
+def test_kernel_equals_reference(lengths, Hq, Hkv, D, window, shared, dtype):
     k_pool, v_pool, tables, _ = paged_cache(lengths, Hkv, D, dtype, shared_prefix_blocks=shared)
     q, rows, q_pos = _queries(lengths, Hq, D, dtype)
-    got = paged.paged_decode_attention(q, k_pool, v_pool, tables, rows, q_pos, block_size=BS, window=window)
+    got = kernels.paged_attention(q, k_pool, v_pool, tables, rows, q_pos, block_size=BS, window=window)
     want = paged_attention_reference(q, k_pool, v_pool, tables, rows, q_pos, block_size=BS, window=window)
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-def test_blocks_not_held_are_skipped_and_nothing_visible_gives_zeros(paged):
+def test_blocks_not_held_are_skipped_and_nothing_visible_gives_zeros():
     lengths = [60, 40]
     k_pool, v_pool, tables, _ = paged_cache(lengths, 2, 32, torch.float32, dropped=[(0, 0), (0, 1), (1, 2)])
     q, rows, q_pos = _queries(lengths, 4, 32, torch.float32)
-    got = paged.paged_decode_attention(q, k_pool, v_pool, tables, rows, q_pos, block_size=BS)
+    got = kernels.paged_attention(q, k_pool, v_pool, tables, rows, q_pos, block_size=BS)
     want = paged_attention_reference(q, k_pool, v_pool, tables, rows, q_pos, block_size=BS)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    empty = paged.paged_decode_attention(q[:1], k_pool, v_pool, tables, rows[:1], torch.tensor([20], device=DEVICE),
+    empty = kernels.paged_attention(q[:1], k_pool, v_pool, tables, rows[:1], torch.tensor([20], device=DEVICE),
                                          block_size=BS)  # positions 0..20 of sequence 0: blocks 0, 1 dropped
     assert torch.equal(empty, torch.zeros_like(empty))
 
 
-def test_bad_inputs_are_refused(paged):
+def test_bad_inputs_are_refused():
     k_pool, v_pool, tables, _ = paged_cache([20], 2, 32, torch.float32)
     q, rows, q_pos = _queries([20], 4, 32, torch.float32)
     with pytest.raises(ValueError, match="block size must be powers of two"):
-        paged.paged_decode_attention(q, k_pool, v_pool, tables, rows, q_pos, block_size=8)
+        kernels.paged_attention(q, k_pool, v_pool, tables, rows, q_pos, block_size=8)
     with pytest.raises(ValueError, match=r"rows \[N\], q_pos \[N\]"):
-        paged.paged_decode_attention(q, k_pool, v_pool, tables, rows[:1], q_pos, block_size=BS)
+        kernels.paged_attention(q, k_pool, v_pool, tables, rows[:1], q_pos, block_size=BS)
     with pytest.raises(ValueError, match="integer"):
-        paged.paged_decode_attention(q, k_pool, v_pool, tables.float(), rows, q_pos, block_size=BS)
+        kernels.paged_attention(q, k_pool, v_pool, tables.float(), rows, q_pos, block_size=BS)
