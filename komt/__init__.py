@@ -15,7 +15,7 @@ from komt.model import load_model
 
 
 def load_tokenizer(path):
-    """A sentencepiece tokenizer from a checkpoint folder or a tokenizer.model file."""
+    """The tokenizer of a checkpoint folder (tokenizer.model or tokenizer.json + its config files) or of one file."""
     from komt.generate.tokenizer import load_tokenizer as _load
 
     return _load(path)

@@ -8,8 +8,10 @@ The answer streams to stdout as it is generated; one stats line goes to stderr a
 tokens, time to first token, prefill and decode tokens/s). The sampling defaults are the model card's
 (temperature 0.8, top-k 100, top-p 0.8, up to 1024 new tokens); `--temperature 0` is greedy.
 
-Prompts are framed as the model was trained: a single prompt as the model card's `[INST]{prompt} [/INST]`
-(`format_prompt`), a chat in Mistral's instruct format with the whole history (`format_chat`).
+Prompts are framed as the model was trained (`--prompt-format`, komt.generate.prompt): `auto` picks the
+checkpoint's chat template when it ships one (SmolLM2, Llama-3, ...) and komt's model-card format otherwise
+(komt's own models: a single prompt as `[INST]{prompt} [/INST]`, a chat in Mistral's instruct format with the
+whole history); `card`, `template` and `raw` force one. The format is named on stderr before the answer.
 
 Dtype: `--dtype auto` (the default) is bf16 on CUDA (the model card's) and the checkpoint's own dtype on
 the CPU (so the 7B bf16 checkpoint loads in 14.5 GB; an fp32 checkpoint stays fp32). On the CPU the
@@ -32,6 +34,7 @@ from typing import Sequence, TextIO
 import torch
 
 from komt.errors import GenerationError, KomtError
+from komt.generate.prompt import PROMPT_FORMATS
 
 DEFAULT_MODEL = "davidkim205/komt-mistral-7b-v1"
 COMPILE_MODES = ("off", "default", "reduce-overhead")
@@ -87,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on CUDA, the checkpoint's dtype on the CPU")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply")
     p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model or its folder (default: the model folder's)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.model, tokenizer.json or their folder (default: the model folder's)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                   help="card: komt's [INST] format; template: the checkpoint's chat template; raw: the text as is; "
+                        "auto (default): template if the checkpoint ships one, else card")
     p.add_argument("--compile", choices=COMPILE_MODES, default="off",
                    help="torch.compile the decode step (reduce-overhead = CUDA graphs); compiling takes a while")
     return p
@@ -205,12 +212,10 @@ def stream_answer(model, tokenizer, prompt_ids: Sequence[int], args: argparse.Na
     return "".join(pieces)
 
 
-def fit_history(tokenizer, messages: list[dict], context: int) -> list[int]:
-    """Ids of the conversation; drops the oldest exchanges (in place) until the prompt fits the context."""
-    from komt.generate.prompt import format_chat
-
+def fit_history(fmt, messages: list[dict], context: int) -> list[int]:
+    """Ids of the conversation in the prompt format `fmt`; drops the oldest exchanges (in place) until it fits."""
     while True:
-        ids = format_chat(tokenizer, messages)
+        ids = fmt.chat(messages)
         if len(ids) < context or len(messages) <= 1:
             break
         del messages[:2]  # the oldest user message and its answer
@@ -219,9 +224,9 @@ def fit_history(tokenizer, messages: list[dict], context: int) -> list[int]:
     return ids
 
 
-def chat(model, tokenizer, context: int, args: argparse.Namespace,
+def chat(model, tokenizer, fmt, context: int, args: argparse.Namespace,
          stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
-    """The interactive loop: `> ` prompt, history in Mistral's chat format, /reset, /exit, Ctrl-D."""
+    """The interactive loop: `> ` prompt, history in the prompt format `fmt`, /reset, /exit, Ctrl-D."""
     interactive = stdin.isatty()
     if interactive:
         try:
@@ -257,7 +262,7 @@ def chat(model, tokenizer, context: int, args: argparse.Namespace,
             continue
         messages.append({"role": "user", "content": text})
         try:
-            ids = fit_history(tokenizer, messages, context)
+            ids = fit_history(fmt, messages, context)
             answer = stream_answer(model, tokenizer, ids, args, stdout, stderr)
         except KomtError as err:
             messages.pop()
@@ -277,7 +282,7 @@ def chat(model, tokenizer, context: int, args: argparse.Namespace,
 
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """Everything after argument parsing; raises KomtError for bad input."""
-    from komt.generate.prompt import format_prompt
+    from komt.generate.prompt import prompt_format
 
     want_chat = args.chat or (args.prompt is None and stdin.isatty())
     prompt = args.prompt
@@ -287,15 +292,17 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
         if not prompt.strip():
             raise GenerationError("the prompt is empty: pass --prompt TEXT, pipe text to stdin, or use --chat")
     folder, tokenizer, config = open_checkpoint(args)
+    fmt = prompt_format(tokenizer, args.prompt_format)
     context = config.max_position_embeddings
     ids = None
     if not want_chat:
-        ids = format_prompt(tokenizer, prompt.strip())
+        ids = fmt.prompt(prompt.strip())
         if len(ids) >= context:
             raise GenerationError(f"the prompt is {len(ids)} tokens; the model's context is {context} (shorten it)")
     model = load_weights(args, folder, stderr)
+    stderr.write(f"[prompt format: {fmt.label}]\n")
     if want_chat:
-        return chat(model, tokenizer, context, args, stdin, stdout, stderr)
+        return chat(model, tokenizer, fmt, context, args, stdin, stdout, stderr)
     stream_answer(model, tokenizer, ids, args, stdout, stderr)
     return 0
 
