@@ -6,8 +6,8 @@ with transformers' settings (utils/chat_template_utils.py): `trim_blocks` and `l
 filter that keeps non-ASCII text and takes `indent`. A `{% generation %}...{% endgeneration %}` block (what
 transformers uses for assistant masks) renders its body; komt finds assistant tokens by rendering
 prefixes instead (komt.generate.prompt). The variables are transformers': `messages`, `tools` and
-`documents` (None), `add_generation_prompt`, the tokenizer's special tokens (`bos_token`, `eos_token`,
-`unk_token`, `pad_token`, ...), then any extra keyword (e.g. `date_string`).
+`documents` (None unless given), `add_generation_prompt`, the tokenizer's special tokens (`bos_token`,
+`eos_token`, `unk_token`, `pad_token`, ...), then any extra keyword (`tools`, `date_string`, ...).
 
 `TemplateFormat` is the `template` prompt format (komt.generate.prompt) built on it. For training it finds
 the tokens to learn by the prefix-difference method: the ids of the conversation up to an assistant turn
@@ -46,10 +46,9 @@ class ChatTemplate:
         """The template's text for `messages`; any failure inside the template is `error` naming the template."""
         # transformers drops keys whose value is None: templates test `'key' in message`, not for None.
         chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
-        variables = {**special_tokens, **extra}
+        variables = {"tools": None, "documents": None, **special_tokens, **extra}  # transformers' order
         try:
-            return self._template.render(messages=chat, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **variables)
+            return self._template.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
         except Exception as err:  # raise_exception, undefined names, type errors: all the template's doing
             reason = " ".join(str(err).split()) or type(err).__name__
             raise error(f"chat template {self.name} cannot render this conversation: {reason}") from None
