@@ -31,7 +31,7 @@ from komt.model.safetensors_file import write_safetensors
 MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
 # Files copied from the base folder when present: the merged model reads text exactly as the base did.
 COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "generation_config.json")
+                "chat_template.jinja", "generation_config.json")
 
 
 def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, output: str | os.PathLike,
