@@ -11,6 +11,7 @@ model speaks Korean. The greedy and chat tests pin the CLI's output to the libra
 
 import io
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ import komt
 from conftest import FIXTURES, write_checkpoint
 from komt.generate import cli
 from komt.generate.generation import generate
-from komt.generate.prompt import format_chat, format_prompt
+from komt.generate.prompt import format_chat, format_prompt, prompt_format
 from komt.generate.tokenizer import load_tokenizer
 from komt.model import Transformer, preset
 
@@ -235,8 +236,6 @@ QUESTION = "What is the capital of France?"
 @pytest.fixture(scope="module")
 def smol_checkpoint(tmp_path_factory) -> Path:
     """A tiny random Mistral with SmolLM2's 49152-token vocabulary, tokenizer.json and ChatML template."""
-    import shutil
-
     torch.manual_seed(0)
     model = Transformer(preset("tiny-mistral-32k", vocab_size=49152)).eval()
     folder = write_checkpoint(model, tmp_path_factory.mktemp("smol") / "model")
@@ -248,8 +247,6 @@ def smol_checkpoint(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("flag", [[], ["--prompt-format", "template"], ["--prompt-format", "card"],
                                   ["--prompt-format", "raw"]])
 def test_prompt_format_frames_the_prompt_and_is_named(smol_checkpoint, monkeypatch, flag):
-    from komt.generate.prompt import prompt_format
-
     status, out, err = _main(["--model", str(smol_checkpoint), "--prompt", QUESTION, "--max-new-tokens", "6",
                               "--temperature", "0", "--device", "cpu", *flag], monkeypatch=monkeypatch)
     assert status == 0, err
@@ -263,8 +260,6 @@ def test_prompt_format_frames_the_prompt_and_is_named(smol_checkpoint, monkeypat
 
 
 def test_chat_with_a_template_keeps_history_in_the_template(smol_checkpoint, monkeypatch):
-    from komt.generate.prompt import prompt_format
-
     status, out, err = _main(["--model", str(smol_checkpoint), "--chat", "--max-new-tokens", "4", "--temperature", "0",
                               "--device", "cpu"], stdin_text="hi\nWhat next?\n", monkeypatch=monkeypatch)
     assert status == 0, err

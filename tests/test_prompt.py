@@ -1,20 +1,27 @@
-"""Prompt formats: model-card and Mistral v1 chat ids from the fixture, training ids/labels checked by hand."""
+"""Prompt formats: model-card and Mistral v1 chat ids from the fixture, training ids/labels checked by hand;
+the PromptFormat API (auto/card/template/raw) against transformers' chat-template ids."""
 
 import json
+import shutil
 import unicodedata
 from pathlib import Path
 
 import pytest
 
-from komt.errors import DataError, GenerationError
+from komt.errors import DataError, GenerationError, TokenizerError
+from komt.generate.chat_template import TemplateFormat
 from komt.generate.prompt import (
     IGNORE_INDEX,
+    CardFormat,
+    RawFormat,
     format_chat,
     format_chat_training_example,
     format_prompt,
     format_training_example,
     pad_training_example,
+    prompt_format,
 )
+from komt.generate.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizer"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))
@@ -154,13 +161,6 @@ def test_malformed_training_examples_raise_data_error(tok, call):
 
 
 # ---- the PromptFormat API: card, template, raw, auto ------------------------------------------------------
-
-import shutil  # noqa: E402  (the additions below need them; the tests above stay as they were)
-
-from komt.errors import TokenizerError  # noqa: E402
-from komt.generate.chat_template import TemplateFormat  # noqa: E402
-from komt.generate.prompt import CardFormat, RawFormat, prompt_format  # noqa: E402
-from komt.generate.tokenizer import load_tokenizer  # noqa: E402
 
 ALL_FIXTURES = Path(__file__).parent / "fixtures"
 REFS = json.loads((ALL_FIXTURES / "tokenizer_refs.json").read_text(encoding="utf-8"))

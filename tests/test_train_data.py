@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from komt.errors import DataError
-from komt.generate.prompt import IGNORE_INDEX
+from komt.generate.prompt import IGNORE_INDEX, prompt_format
+from komt.generate.tokenizer import load_tokenizer
 from komt.model import Transformer, preset
 from komt.train.batching import collate, count_targets, epoch_batches, micro_batches, split_eval
 from komt.train.data import Example, load_dataset, read_records
@@ -200,9 +201,6 @@ def test_warmup_then_cosine_to_zero():
 # --- records in a chat template's format (SmolLM2's ChatML) -------------------------------------------------
 
 def test_template_format_trains_on_assistant_turns_and_their_end_of_turn(tmp_path):
-    from komt.generate.prompt import prompt_format
-    from komt.generate.tokenizer import load_tokenizer
-
     smol = load_tokenizer(Path(__file__).parent / "fixtures" / "smollm2-tokenizer")
     fmt = prompt_format(smol)  # auto: SmolLM2 ships a chat template
     assert fmt.name == "template"

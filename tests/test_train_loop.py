@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_checkpoint
+from conftest import FIXTURES, write_checkpoint
 import torch
 
 import komt
@@ -192,11 +193,7 @@ def test_bf16_autocast_training_on_cuda_matches_what_it_learns(base, data, tmp_p
 
 
 def test_a_checkpoint_with_a_chat_template_trains_in_it(tmp_path):
-    """A tiny random Llama with SmolLM2's tokenizer files: auto picks the template and the loss falls."""
-    import shutil
-
-    from conftest import FIXTURES
-
+    """A tiny random Mistral with SmolLM2's tokenizer files: auto picks the template and the loss falls."""
     folder = tmp_path / "smol"
     torch.manual_seed(0)
     write_checkpoint(Transformer(preset("tiny-mistral-32k", vocab_size=49152, hidden_size=32, intermediate_size=64,

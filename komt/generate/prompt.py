@@ -64,7 +64,7 @@ def prompt_format(tokenizer: Tokenizer, name: str = "auto", template: str | None
 
     if name not in PROMPT_FORMATS:
         raise GenerationError(f"unknown prompt format {name!r}; use one of {', '.join(PROMPT_FORMATS)}")
-    chat_template = chat_template_of(tokenizer, template)
+    chat_template = chat_template_of(tokenizer, template) if name in ("auto", "template") else None
     if name == "auto":
         name = auto_format_name(tokenizer, chat_template.source if chat_template else None)
     if name == "card":

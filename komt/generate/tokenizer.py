@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from komt.errors import TokenizerError
+from komt.generate.tokenizer_files import TokenizerSettings, read_tokenizer_settings
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZER_JSON_FILE = "tokenizer.json"
@@ -81,8 +82,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     The folder's tokenizer_config.json, special_tokens_map.json, chat template files and generation_config.json
     (a file's own folder, for a file) supply special tokens, BOS default, chat templates and stop ids.
     """
-    from komt.generate.tokenizer_files import read_tokenizer_settings
-
     path = Path(path)
     if path.is_dir():
         return _load_folder(path, read_tokenizer_settings(path))
@@ -102,7 +101,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return read_sentencepiece(path, settings)
 
 
-def _load_folder(folder: Path, settings) -> Tokenizer:
+def _load_folder(folder: Path, settings: TokenizerSettings) -> Tokenizer:
     """Pick the folder's backend (module docstring: tokenizer.model wins unless tokenizer.json knows more)."""
     from komt.generate.hf_tokenizer import read_tokenizer_json
     from komt.generate.sentencepiece_tokenizer import read_sentencepiece
