@@ -15,7 +15,8 @@ from komt.model import load_model
 
 
 def load_tokenizer(path):
-    """The tokenizer of a checkpoint folder (tokenizer.model or tokenizer.json + its config files) or of one file."""
+    """The tokenizer of a checkpoint folder (tokenizer.model or tokenizer.json + its config files) or of one file
+    (tokenizer.model, tokenizer.json, or a GGUF model's vocabulary)."""
     from komt.generate.tokenizer import load_tokenizer as _load
 
     return _load(path)

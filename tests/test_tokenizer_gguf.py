@@ -8,7 +8,7 @@ import gguf
 import pytest
 import sentencepiece
 
-from komt.errors import TokenizerError
+from komt.errors import KomtError, TokenizerError
 from komt.generate.gguf_tokenizer import PRE_TOKENIZERS, sentencepiece_model_proto, tokenizer_from_gguf_metadata
 from komt.generate.hf_tokenizer import HFTokenizer
 from komt.generate.sentencepiece_tokenizer import SentencePieceTokenizer
@@ -204,3 +204,30 @@ def test_llama_scores_must_match_the_tokens():
     meta["tokenizer.ggml.scores"] = meta["tokenizer.ggml.scores"][:10]
     with pytest.raises(TokenizerError, match="tokenizer.ggml.scores has 10 entries for 32000 tokens"):
         tokenizer_from_gguf_metadata(meta)
+
+
+# ---- GGUF files through load_tokenizer (komt's GGUF reader) and komt's own GGUF export ---------------------
+
+def test_load_tokenizer_reads_a_gguf_files_vocabulary(smollm2):
+    tok = load_tokenizer(FIXTURES / "smollm2-tokenizer" / "vocab.gguf")
+    assert isinstance(tok, HFTokenizer) and tok.source.endswith("vocab.gguf")
+    for text, ids in zip(CORPUS, LLAMA_CPP["smollm2-gguf"]["ids"]):
+        assert tok.encode(text) == ids, text
+    assert tok.chat_templates == smollm2.chat_templates and tok.stop_ids == (2,)
+
+
+def test_a_file_that_is_not_gguf_is_a_one_line_error(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"not a gguf file, but long enough for a header")
+    with pytest.raises(KomtError, match="model.gguf: not a GGUF file"):
+        load_tokenizer(tmp_path / "model.gguf")
+
+
+def test_komts_gguf_export_metadata_reads_back_as_the_same_tokenizer(reference):
+    from komt.export.tokenizer import sentencepiece_metadata as export_metadata
+
+    meta = export_metadata(FIXTURES / "tokenizer" / "tokenizer.model", 32000)
+    meta.update({"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+                 "tokenizer.ggml.add_bos_token": True})
+    tok = tokenizer_from_gguf_metadata(meta, "export")
+    for text in CORPUS:
+        assert tok.encode(text) == reference.encode(text), text

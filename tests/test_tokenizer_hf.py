@@ -185,7 +185,3 @@ def test_config_naming_a_token_missing_from_the_vocabulary_is_an_error(tmp_path)
         load_tokenizer(tmp_path)
 
 
-def test_gguf_file_points_at_the_metadata_api(tmp_path):
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    with pytest.raises(TokenizerError, match="tokenizer_from_gguf_metadata"):
-        load_tokenizer(tmp_path / "model.gguf")

@@ -77,10 +77,13 @@ class Tokenizer(Protocol):
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a checkpoint folder, or of a tokenizer.model / tokenizer.json file; TokenizerError on failure.
+    """The tokenizer of a checkpoint folder, or of a tokenizer.model / tokenizer.json / .gguf file.
+
+    Failures are TokenizerErrors (a .gguf file komt's GGUF reader rejects: its CheckpointError).
 
     The folder's tokenizer_config.json, special_tokens_map.json, chat template files and generation_config.json
-    (a file's own folder, for a file) supply special tokens, BOS default, chat templates and stop ids.
+    (a file's own folder, for a file) supply special tokens, BOS default, chat templates and stop ids; a GGUF
+    file carries all of them in its own metadata.
     """
     path = Path(path)
     if path.is_dir():
@@ -89,8 +92,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise TokenizerError(f"{path} does not exist; pass a checkpoint folder containing {SENTENCEPIECE_FILE} "
                              f"or {TOKENIZER_JSON_FILE}, or the file itself")
     if path.suffix == ".gguf":
-        raise TokenizerError(f"{path}: komt reads GGUF vocabularies from their metadata; open the file with komt's "
-                             f"GGUF reader and call komt.generate.gguf_tokenizer.tokenizer_from_gguf_metadata")
+        from komt.generate.gguf_tokenizer import tokenizer_from_gguf_metadata
+        from komt.model.gguf import GGUFFile
+
+        return tokenizer_from_gguf_metadata(GGUFFile(path).metadata, str(path))
     settings = read_tokenizer_settings(path.parent)
     if path.suffix == ".json":
         from komt.generate.hf_tokenizer import read_tokenizer_json
