@@ -1,10 +1,9 @@
 """Streaming detokenization and stop strings: turn sampled ids into text the moment it is final.
 
 `StreamDecoder` replays the tokenizer's own decoding one token at a time, so the concatenation of what it
-emits equals `tokenizer.decode` of all ids, for any id sequence (tests/test_stream.py and
-tests/test_stream_bpe.py check this against sentencepiece and `tokenizers` on random ids), and no U+FFFD
-ever stands for a character whose bytes are still arriving. It picks one of three replays by the tokenizer's
-`stream_kind`:
+emits equals `tokenizer.decode` of all ids, for any id sequence (tests/test_stream.py checks this against
+sentencepiece and `tokenizers` on random ids), and no U+FFFD ever stands for a character whose bytes are
+still arriving. It picks one of three replays by the tokenizer's `stream_kind`:
 
 `SentencePieceStream` (tokenizer.model) mirrors sentencepiece_processor.cc's `Decode`, doing O(1) work per
 token: a normal piece is final as soon as it arrives; byte-fallback pieces (Hangul syllables missing from
