@@ -135,6 +135,13 @@ def test_config_files_set_special_tokens_bos_and_stop_ids(tmp_path):
                                       "pad_token": "<|im_end|>"}
 
 
+def test_stop_ids_fall_back_to_config_json_without_a_generation_config(tmp_path):
+    shutil.copy(FIXTURES / "smollm2-tokenizer" / "tokenizer.json", tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": [2, 0]}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_id is None and tok.stop_ids == (2, 0)  # no tokenizer config: only the model's ids
+
+
 def test_chat_template_jinja_file_wins_over_the_config(tmp_path):
     shutil.copy(FIXTURES / "smollm2-tokenizer" / "tokenizer.json", tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "from config"}))

@@ -145,7 +145,7 @@ def format_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
 def format_chat(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
     """Ids of a conversation in Mistral's v1 instruct format, ending with the user turn to answer."""
     system, turns = _parse_messages(messages, last_role="user", error=GenerationError)
-    ids = [tokenizer.bos_id]
+    ids = [_bos_id(tokenizer)]
     for segment, _ in _encode_turns(tokenizer, system, turns):
         ids += segment
     return ids
@@ -170,11 +170,18 @@ def format_chat_training_example(tokenizer: Tokenizer, messages: Sequence[dict])
     answer exactly the prompts it will be given.
     """
     system, turns = _parse_messages(messages, last_role="assistant", error=DataError)
-    ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
+    ids, labels = [_bos_id(tokenizer)], [IGNORE_INDEX]
     for segment, role in _encode_turns(tokenizer, system, turns):
         ids += segment
         labels += segment if role == "assistant" else [IGNORE_INDEX] * len(segment)
     return ids, labels
+
+
+def _bos_id(tokenizer: Tokenizer) -> int:
+    if tokenizer.bos_id is None:
+        raise TokenizerError(f"{tokenizer.source} has no BOS token, which the card format starts with; "
+                             f"use --prompt-format template or raw")
+    return tokenizer.bos_id
 
 
 def _check_example(instruction: str, output: str) -> None:

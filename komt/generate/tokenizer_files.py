@@ -10,7 +10,8 @@ Hugging Face spreads this over several files; they are read here once, in transf
 - `chat_template.jinja` (transformers >= 4.43 saves the template there), else `chat_template.json`, else the
   config's `chat_template`; `additional_chat_templates/<name>.jinja` adds named ones;
 - `generation_config.json`: `eos_token_id` (an int or a list): Llama-3-Instruct ends a turn with `<|eot_id|>`
-  while its tokenizer's EOS is `<|end_of_text|>`, so generation must stop at either.
+  while its tokenizer's EOS is `<|end_of_text|>`, so generation must stop at either. Without that file,
+  `config.json`'s `eos_token_id`, which transformers' generate falls back to as well.
 
 Every file is optional; a file that exists but is not valid JSON is a TokenizerError naming it.
 """
@@ -27,6 +28,7 @@ from komt.errors import TokenizerError
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+MODEL_CONFIG_FILE = "config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_JSON_FILE = "chat_template.json"
 NAMED_TEMPLATES_DIR = "additional_chat_templates"
@@ -45,7 +47,7 @@ class TokenizerSettings:
     chat_templates: dict[str, str] = field(default_factory=dict)  # name -> Jinja source; "default" if unnamed
     chat_template_file: str | None = None  # where the templates came from, for error messages
     added_token_ids: tuple[int, ...] = ()  # ids of tokenizer_config.json's added_tokens_decoder
-    generation_eos_ids: tuple[int, ...] = ()  # generation_config.json's eos_token_id
+    generation_eos_ids: tuple[int, ...] = ()  # generation_config.json's eos_token_id (else config.json's)
 
 
 def read_tokenizer_settings(folder: Path) -> TokenizerSettings:
@@ -61,7 +63,10 @@ def read_tokenizer_settings(folder: Path) -> TokenizerSettings:
             tokens[name] = value
     extra = config.get("additional_special_tokens", special.get("additional_special_tokens")) or []
     templates, template_file = _read_chat_templates(folder, config)
-    generation = _read_json(folder / GENERATION_CONFIG_FILE)
+    generation_file = folder / GENERATION_CONFIG_FILE
+    if not generation_file.is_file():
+        generation_file = folder / MODEL_CONFIG_FILE
+    generation = _read_json(generation_file)
     return TokenizerSettings(
         tokens=tokens,
         additional_special_tokens=tuple(t for t in (_token_content(v, folder / CONFIG_FILE, "additional_special_tokens")
@@ -71,7 +76,7 @@ def read_tokenizer_settings(folder: Path) -> TokenizerSettings:
         chat_templates=templates,
         chat_template_file=template_file,
         added_token_ids=tuple(sorted(int(i) for i in (config.get("added_tokens_decoder") or {}))),
-        generation_eos_ids=_id_list(generation.get("eos_token_id"), folder / GENERATION_CONFIG_FILE),
+        generation_eos_ids=_id_list(generation.get("eos_token_id"), generation_file),
     )
 
 
