@@ -13,7 +13,7 @@ from torch import nn
 import komt
 from komt.errors import ConfigError
 from komt.model.cpu_layouts import use_cpu_layouts
-from komt.model.cpu_quantized import Int4CPULinear, Int8CPULinear
+from komt.model.cpu_quantized import Int4CPULinear, Int8CPULinear, Int8GroupedCPULinear
 from komt.model.linear import project
 from komt.model.lora import LoRAConfig, LoRALinear, inject_lora, merge_lora
 from komt.model.quantized_linear import Int4Linear, Int8Linear, QuantizeSpec
@@ -74,12 +74,26 @@ def test_cpu_int4_layout_equals_the_canonical_layer_and_unpacks_back():
     torch.testing.assert_close(cpu.dequantize(), layer.dequantize(), atol=2e-3, rtol=1e-2)
 
 
-def test_grouped_int8_and_odd_int4_shapes_keep_the_canonical_layer():
+def test_grouped_int8_runs_exactly_as_two_int4_halves():
+    """GGUF Q8_0's groups of 32: q = 16 hi + lo split into the int4 kernel; the weight is unchanged."""
+    layer = Int8Linear.from_dense(_weight(), 32)
     model = nn.Module()
-    model.a = Int8Linear.from_dense(_weight(), 32)  # grouped int8: no CPU kernel takes it
+    model.a = layer
+    use_cpu_layouts(model, threads=2)
+    assert type(model.a) is Int8GroupedCPULinear
+    x = torch.randn(5, 256)
+    assert_close_bf16(model.a(x), layer(x))
+    # the scale table is bf16: exact integers, scales to bf16's 8 bits
+    torch.testing.assert_close(model.a.dequantize(), layer.dequantize(), atol=1e-3, rtol=1e-2)
+    q_back = model.a.dequantize() / layer.scales.float().repeat_interleave(32, dim=1)
+    assert (q_back.round() - layer.weight.float()).abs().max() == 0
+
+
+def test_odd_output_sizes_keep_the_canonical_layer():
+    model = nn.Module()
     model.b = Int4Linear.from_dense(_weight(out_features=96), 32)  # O not a multiple of 64
     use_cpu_layouts(model, threads=2)
-    assert type(model.a) is Int8Linear and type(model.b) is Int4Linear
+    assert type(model.b) is Int4Linear
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

@@ -6,12 +6,13 @@ Python API, the CLI, the server, eval and the benches all decode the same way. P
     plain fp32 nn.Linear         -> SplitGEMVLinear: one-row products as row blocks, one per core
                                     (lm_head stored transposed first: column blocks, 31 GB/s against 22)
     Int8Linear, per channel      -> Int8CPULinear: torch._weight_int8pack_mm on bf16 activations
+    Int8Linear, grouped (Q8_0)   -> Int8GroupedCPULinear: exactly, as two int4 halves in the int4 kernel
     Int4Linear, O % 64 == 0      -> Int4CPULinear: torch._weight_int4pack_mm_for_cpu's packed layout
     LoRALinear                   -> left as it is; its `base_layer` gets the variant above
 
 and projections that read the same input (q/k/v, gate/up: gpt-fast's wqkv and w13) are fused into one
 product when they are all the same plain kind: one kernel call and its dispatch instead of three.
-Anything these variants do not cover (bf16 dense weights, grouped int8 from GGUF Q8_0, odd shapes) keeps
+Anything these variants do not cover (bf16 dense weights, output sizes not a multiple of 64) keeps
 the layer it had, which is always correct. Measured figures are in the variants' modules
 (komt.model.cpu_gemv, komt.model.cpu_quantized) and docs/benchmarks.md.
 """
@@ -22,7 +23,8 @@ import torch
 from torch import nn
 
 from komt.model.cpu_gemv import SplitGEMVLinear, fuse_fp32, n_blocks_for
-from komt.model.cpu_quantized import Int4CPULinear, Int8CPULinear, fuse_quantized, int4_cpu_supported
+from komt.model.cpu_quantized import (Int4CPULinear, Int8CPULinear, Int8GroupedCPULinear, fuse_quantized,
+                                      int4_cpu_supported)
 from komt.model.linear import replace_module
 from komt.model.lora import LoRALinear
 from komt.model.quantized_linear import Int4Linear, Int8Linear
@@ -39,8 +41,11 @@ def _is_fp32_cpu_linear(module: nn.Module) -> bool:
 
 def _cpu_variant(module: nn.Module, threads: int) -> nn.Module | None:
     """The CPU layout of one layer, or None where it has none (or already has it)."""
-    if type(module) is Int8Linear and module.weight.device.type == "cpu" and module.group_size == module.in_features:
-        return Int8CPULinear(module)
+    if type(module) is Int8Linear and module.weight.device.type == "cpu":
+        if module.group_size == module.in_features:
+            return Int8CPULinear(module)
+        if int4_cpu_supported(module):
+            return Int8GroupedCPULinear(module)
     if type(module) is Int4Linear and module.weight.device.type == "cpu" and int4_cpu_supported(module):
         return Int4CPULinear(module)
     if type(module) is nn.Linear and _is_fp32_cpu_linear(module):
@@ -81,7 +86,8 @@ def use_cpu_layouts(model: nn.Module, threads: int | None = None) -> int:
         kind = type(members[0])
         if kind in (Int8CPULinear, Int4CPULinear) and all(type(m) is kind and not _grouped(m) for m in members):
             fuse_quantized(members)
-    return sum(isinstance(m, (SplitGEMVLinear, Int8CPULinear, Int4CPULinear)) or _grouped(m) for m in model.modules())
+    return sum(isinstance(m, (SplitGEMVLinear, Int8CPULinear, Int8GroupedCPULinear, Int4CPULinear)) or _grouped(m)
+               for m in model.modules())
 
 
 def _grouped(module: nn.Module) -> bool:

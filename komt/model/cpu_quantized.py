@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from komt.model.linear import SharedInputGroup
-from komt.model.quant import unpack_int4
+from komt.model.quant import pack_int4, unpack_int4
 from komt.model.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear, _frozen
 
 _PACK_BLOCK_N = 64  # rows per block of the int4 kernel's layout (AVX-512 / AVX2 builds of PyTorch 2.x)
@@ -94,7 +94,7 @@ def _unpack_cpu_int4(packed: torch.Tensor, n_out: int, n_in: int) -> torch.Tenso
     return q.permute(0, 2, 1).reshape(n_out, n_in)  # (O/64, 64, I) -> (O, I)
 
 
-def int4_cpu_supported(layer: Int4Linear) -> bool:
+def int4_cpu_supported(layer: QuantizedLinear) -> bool:
     return layer.out_features % _PACK_BLOCK_N == 0 and _packed_layout_is_known()
 
 
@@ -127,6 +127,38 @@ class Int4CPULinear(QuantizedLinear):
             _as_rows(x), self._parameters["weight"], self.group_size, self._parameters["scales_and_zeros"]
         )
         return out.to(x.dtype).view(x.shape[:-1] + (self.out_features,))
+
+
+class Int8GroupedCPULinear(QuantizedLinear):
+    """Grouped int8 (GGUF Q8_0: a scale per 32 inputs) run exactly by the int4 kernel, as two halves.
+
+    PyTorch's int8 CPU kernel takes one scale per row only. Each int8 q splits exactly into a high and a
+    low nibble, q = 16 hi + lo (hi = q >> 4 in -8..7, lo = q & 15), so with scale s per group
+
+        W = s q = (16 s) hi + s lo = [16 s | s]-scaled int4 matrix of twice the width, applied to [x | x],
+
+    which is one `_weight_int4pack_mm_for_cpu` call over 2 I inputs with the same memory as int8 (two
+    nibbles per value). The cost is the int4 kernel's on twice the inputs: about half the speed of the
+    per-channel int8 kernel, and far faster than dequantizing a grouped weight at every call.
+    """
+
+    bits = 8
+
+    def __init__(self, layer: Int8Linear) -> None:
+        super().__init__(layer.in_features, layer.out_features, layer.group_size)
+        q = layer.weight.detach().to(torch.int16)  # (O, I)
+        nibbles = torch.cat((torch.div(q, 16, rounding_mode="floor") + 8, q % 16), dim=1)  # (O, 2I): hi + 8 | lo
+        s = layer.scales.detach().float()  # (O, G)
+        scales = torch.cat((16 * s, s), dim=1)  # per group of the doubled row
+        offsets = torch.cat((-128 * s, torch.zeros_like(s)), dim=1)  # hi: (n - 8) 16 s = n 16 s - 128 s
+        self.inner = Int4CPULinear(Int4Linear(pack_int4(nibbles), scales.half(), offsets.half()))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        doubled = self.inner.dequantize(torch.float32)  # (O, 2I)
+        return (doubled[:, : self.in_features] + doubled[:, self.in_features :]).to(dtype)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner._kernel_forward(torch.cat((x, x), dim=-1))
 
 
 def fuse_quantized(members: tuple[QuantizedLinear, ...]) -> SharedInputGroup:

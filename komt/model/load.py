@@ -10,7 +10,8 @@ import torch
 
 from komt.errors import ConfigError
 from komt.model.attention import KERNEL_BACKENDS
-from komt.model.checkpoint import ProgressFn, load_checkpoint
+from komt.model.checkpoint import ProgressFn, load_checkpoint, parse_dtype
+from komt.model.gguf_model import is_gguf, load_gguf_model
 from komt.model.hub import resolve_model_path
 from komt.model.quantized_linear import QuantizeSpec
 from komt.model.transformer import Transformer
@@ -60,7 +61,7 @@ def load_model(
     group_size: int | None = None,
     layout: str = "auto",
 ) -> Transformer:
-    """Load a Hugging Face-format Mistral/Llama checkpoint (folder or hub id) in eval mode.
+    """Load a Mistral/Llama checkpoint in eval mode: a Hugging Face folder or hub id, or a GGUF file.
 
     `dtype` None keeps the checkpoint's dtype; `adapter` applies a PEFT LoRA adapter folder;
     `kernels` picks "torch" or "triton" (default: Triton on CUDA). `quantize` "int8" / "int4" quantizes the
@@ -78,7 +79,10 @@ def load_model(
         raise ConfigError("group_size needs quantize='int8' or 'int4'")
     folder = resolve_model_path(name_or_path)
     device = torch.device(device or "cpu")
-    model = load_checkpoint(Path(folder), device=device, dtype=dtype, progress=progress, quantize=spec)
+    if is_gguf(folder):
+        model = load_gguf_model(folder, device, parse_dtype(dtype), spec, progress)
+    else:
+        model = load_checkpoint(Path(folder), device=device, dtype=dtype, progress=progress, quantize=spec)
     model.source_path = Path(folder)
     fallbacks = spec.fallbacks(model) if spec is not None else []
     if fallbacks:
