@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_checkpoint
+from conftest import FIXTURES, write_checkpoint
 import torch
 
 import komt
@@ -189,3 +190,22 @@ def test_bf16_autocast_training_on_cuda_matches_what_it_learns(base, data, tmp_p
     ids = generate(model, format_prompt(tokenizer, RECORDS[0]["instruction"]), max_new_tokens=16,
                    eos_id=tokenizer.eos_id)
     assert tokenizer.decode(ids) == RECORDS[0]["output"]
+
+
+def test_a_checkpoint_with_a_chat_template_trains_in_it(tmp_path):
+    """A tiny random Mistral with SmolLM2's tokenizer files: auto picks the template and the loss falls."""
+    folder = tmp_path / "smol"
+    torch.manual_seed(0)
+    write_checkpoint(Transformer(preset("tiny-mistral-32k", vocab_size=49152, hidden_size=32, intermediate_size=64,
+                                        num_attention_heads=2, num_key_value_heads=1)), folder)
+    for file in (FIXTURES / "smollm2-tokenizer").glob("*.j*"):
+        shutil.copy(file, folder)
+    records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]}] * 8
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    log = io.StringIO()
+    out = train(TrainConfig(model=str(folder), data=str(data), output=str(tmp_path / "run"), max_steps=6,
+                            batch_size=4, lr=1e-2, warmup_steps=1, save_every=1000, seed=0), log=log)
+    assert "prompt format: template (" in log.getvalue()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]

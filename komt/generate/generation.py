@@ -177,6 +177,15 @@ def _check_request(model, prompt_ids: Sequence[int], max_new_tokens: int) -> int
     return max_new_tokens
 
 
+def _stop_ids(eos_id: int | Iterable[int] | None) -> frozenset[int]:
+    """The ids that end a generation: none, one, or several."""
+    if eos_id is None:
+        return frozenset()
+    if isinstance(eos_id, (list, tuple, set, frozenset)):
+        return frozenset(int(i) for i in eos_id)
+    return frozenset([int(eos_id)])
+
+
 def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     generator = torch.Generator(device=device)
     if seed is None:
@@ -196,12 +205,14 @@ def stream_generate(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Iterable[int] | None = None,
     stats: GenerationStats | None = None,
     token_logprobs: list[float] | None = None,
     compile_mode: str | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one by one (EOS is not yielded; generation ends there).
+
+    `eos_id` is one id or several (a tokenizer's `stop_ids`: Llama-3-Instruct ends a turn with <|eot_id|>).
 
     `token_logprobs`, if given, receives the model's log-probability of each yielded token (before any
     sampling filter: what rescoring the output with a full forward gives). `compile_mode` compiles the
@@ -211,6 +222,7 @@ def stream_generate(
     max_new_tokens = _check_request(model, prompt_ids, max_new_tokens)
     if max_new_tokens == 0:
         return
+    stop_ids = _stop_ids(eos_id)
     device, _ = _model_device_dtype(model)
     stats = stats if stats is not None else GenerationStats()
     stats.start, stats.prompt_tokens = time.perf_counter(), len(prompt_ids)
@@ -231,7 +243,7 @@ def stream_generate(
             token_id = int(token)
             if i == 0:
                 stats.first_token_at = time.perf_counter()
-            if token_id == eos_id:
+            if token_id in stop_ids:
                 break
             stats.new_tokens += 1
             if token_logprobs is not None:
@@ -271,7 +283,7 @@ def generate_batch(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Iterable[int] | None = None,
     stats: GenerationStats | None = None,
 ) -> list[list[int]]:
     """Generate for several prompts of different lengths at once; row b equals a solo generation greedily.
@@ -282,6 +294,7 @@ def generate_batch(
     """
     if not prompts:
         return []
+    stop_ids = _stop_ids(eos_id)
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     limits = [_check_request(model, p, max_new_tokens) for p in prompts]
     max_new = max(limits)
@@ -309,7 +322,7 @@ def generate_batch(
         for b, token_id in enumerate(tokens.tolist()):
             if done[b]:
                 continue
-            if token_id == eos_id:
+            if token_id in stop_ids:
                 done[b] = True
                 continue
             outputs[b].append(token_id)
@@ -339,7 +352,7 @@ def stream_text(
 
     decoder = StreamDecoder(tokenizer)
     matcher = StopMatcher(stop)
-    sampling.setdefault("eos_id", tokenizer.eos_id)
+    sampling.setdefault("eos_id", tokenizer.stop_ids)
     for token_id in stream_generate(model, prompt_ids, stats=stats, **sampling):
         text, stopped = matcher.push(decoder.push(token_id))
         if text:

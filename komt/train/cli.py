@@ -11,6 +11,7 @@ import sys
 
 from komt.errors import KomtError
 from komt.model.lora import DEFAULT_TARGETS
+from komt.generate.prompt import PROMPT_FORMATS
 from komt.train.config import DTYPE_CHOICES, TrainConfig
 
 EPILOG = """\
@@ -79,7 +80,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="base checkpoint folder or Hugging Face hub id")
     p.add_argument("--data", required=True, help="training data: .json (a list) or .jsonl")
     p.add_argument("--output", required=True, help="folder for the adapter, checkpoints and metrics")
-    p.add_argument("--tokenizer", help="tokenizer.model file or folder (default: the model folder's)")
+    p.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json file or folder (default: the model folder's)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=d.prompt_format,
+                   help="how examples are framed: card (komt's [INST] format), template (the checkpoint's chat "
+                        "template; labels on assistant turns), raw; auto (default): template if the checkpoint "
+                        "ships one, else card")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=_positive_int, help="optimizer steps to run")
     length.add_argument("--epochs", type=_number(0), help="passes over the data (default: 1)")
@@ -135,6 +140,7 @@ def build_merge_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model=args.model, data=args.data, output=args.output, tokenizer=args.tokenizer,
+        prompt_format=args.prompt_format,
         max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, lora_r=args.lora_r, lora_alpha=args.lora_alpha,

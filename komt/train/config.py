@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from komt.errors import ConfigError
+from komt.generate.prompt import PROMPT_FORMATS
 from komt.model.lora import DEFAULT_TARGETS, LoRAConfig
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
@@ -21,7 +22,8 @@ class TrainConfig:
     model: str
     data: str
     output: str
-    tokenizer: str | None = None  # default: tokenizer.model in the model folder
+    tokenizer: str | None = None  # default: the model folder's tokenizer (tokenizer.model or tokenizer.json)
+    prompt_format: str = "auto"  # komt.generate.prompt: auto, card, template or raw
     max_steps: int | None = None  # exactly one of max_steps / epochs; neither means 1 epoch
     epochs: float | None = None
     batch_size: int = 4  # examples per micro-batch per process
@@ -59,6 +61,7 @@ class TrainConfig:
         _check("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, "a non-negative number (0: no clipping)")
         _check("eval_split", self.eval_split, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
         _check("dtype", self.dtype, lambda v: v in DTYPE_CHOICES, f"one of {', '.join(DTYPE_CHOICES)}")
+        _check("prompt_format", self.prompt_format, lambda v: v in PROMPT_FORMATS, f"one of {', '.join(PROMPT_FORMATS)}")
         self.lora  # validates r / alpha / dropout / targets
 
     @property

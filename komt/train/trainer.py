@@ -27,6 +27,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from komt.errors import ConfigError, DataError, KomtError
+from komt.generate.prompt import prompt_format
 from komt.generate.tokenizer import Tokenizer, load_tokenizer
 from komt.generate.vocab import check_tokenizer_fits
 from komt.model.hub import resolve_model_path
@@ -148,7 +149,9 @@ def _run(config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) 
 
 def prepare_data(config: TrainConfig, tokenizer: Tokenizer, log: TextIO | None) -> tuple[Dataset, list[Example], list[Example]]:
     """The tokenized dataset and its (train, held-out eval) split."""
-    dataset = load_dataset(config.data, tokenizer, config.max_seq_len)
+    fmt = prompt_format(tokenizer, config.prompt_format)
+    _say(log, f"prompt format: {fmt.label}")
+    dataset = load_dataset(config.data, fmt, config.max_seq_len)
     try:
         train_idx, eval_idx = split_eval(len(dataset.examples), config.eval_split, config.seed)
     except ValueError as err:
