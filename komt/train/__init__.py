@@ -6,9 +6,9 @@
 The LoRA layer itself lives in `komt.model.lora` (inference loads adapters without this package).
 """
 
-from komt.train.config import TrainConfig
+from komt.train.config import DPOConfig, TrainConfig
 from komt.train.data import Example, load_dataset
 from komt.train.merge import merge_adapter
 from komt.train.trainer import train
 
-__all__ = ["TrainConfig", "train", "merge_adapter", "load_dataset", "Example"]
+__all__ = ["TrainConfig", "DPOConfig", "train", "merge_adapter", "load_dataset", "Example"]

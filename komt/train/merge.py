@@ -24,7 +24,8 @@ import torch
 from komt.errors import CheckpointError
 from komt.model.hub import resolve_model_path
 from komt.model.load import load_model
-from komt.atomic import current_umask
+from komt.atomic import current_umask, write_text_atomic
+from komt.model.config import ModelConfig
 from komt.model.lora import merge_lora
 from komt.model.safetensors_file import write_safetensors
 
@@ -64,24 +65,32 @@ def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, output: 
 
 def write_checkpoint(model: torch.nn.Module, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """config.json + weights in Hugging Face's layout: one model.safetensors, or shards + an index."""
-    config = model.config
-    tensors = [(name, t) for name, t in model.state_dict().items()
-               if not (config.tie_word_embeddings and name == "lm_head.weight")]
+    write_weights(model.config, model.state_dict(), folder, max_shard_bytes)
+
+
+def write_weights(config: ModelConfig, state: dict[str, torch.Tensor], folder: Path,
+                  max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write `state` as a checkpoint of `config` in `folder`: weights first, config.json last.
+
+    Every file is written atomically, and config.json, what `load_model` opens first, comes last, so a
+    folder killed mid-write never loads as a checkpoint. Full fine-tuning exports into its run folder this way.
+    """
+    tensors = [(name, t) for name, t in state.items() if not (config.tie_word_embeddings and name == "lm_head.weight")]
     dtype = tensors[0][1].dtype
     config = replace(config, torch_dtype=str(dtype).removeprefix("torch."))
-    (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
     shards = split_into_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         write_safetensors(folder / "model.safetensors", shards[0], metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for k, shard in enumerate(shards, start=1):
-        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(folder / filename, shard, metadata={"format": "pt"})
-        weight_map.update({name: filename for name, _ in shard})
-    total = sum(t.numel() * t.element_size() for _, t in tensors)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, start=1):
+            filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(folder / filename, shard, metadata={"format": "pt"})
+            weight_map.update({name: filename for name, _ in shard})
+        total = sum(t.numel() * t.element_size() for _, t in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_text_atomic(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    write_text_atomic(folder / "config.json", json.dumps(config.to_hf_dict(), indent=2) + "\n")
 
 
 def split_into_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
