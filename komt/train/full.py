@@ -24,7 +24,9 @@ The trainer (`komt.train.trainer`) calls the same methods on `komt.train.lora_we
 from __future__ import annotations
 
 import shutil
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -144,7 +146,9 @@ class FullWeights:
                                            self.ctx)
         try:
             model_state, optimizer_state = get_state_dict(model, optimizer)
-            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+            with _single_process_dcp(self.ctx):
+                dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp,
+                         no_dist=not self.ctx.enabled)
             distributed.barrier(self.ctx)
             return publish_checkpoint(Path(tmp), output, step, trainer_state) if self.ctx.is_main else None
         except BaseException:
@@ -160,7 +164,8 @@ class FullWeights:
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
         loaded = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(loaded, checkpoint_id=str(folder))
+        with _single_process_dcp(self.ctx):
+            dcp.load(loaded, checkpoint_id=str(folder), no_dist=not self.ctx.enabled)
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
 
     def save_final(self, output: Path, model: torch.nn.Module) -> None:
@@ -181,6 +186,15 @@ class FullWeights:
 
     def describe_output(self, output: Path) -> str:
         return f"model saved to {output} (a checkpoint folder: komt.load_model({str(output)!r}))"
+
+
+@contextmanager
+def _single_process_dcp(ctx: distributed.DistContext) -> Iterator[None]:
+    """DCP warns that it "assumes a single process" even when told so (no_dist): in one process it is right."""
+    with warnings.catch_warnings():
+        if not ctx.enabled:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def shard(model: torch.nn.Module, mp_policy=None) -> None:
