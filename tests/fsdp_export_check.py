@@ -26,9 +26,10 @@ def main(base: str, data: str, out: str, result: str) -> None:
     config = TrainConfig(model=base, data=data, output=out, full=True, batch_size=2, lr=1e-3, warmup_steps=0,
                          device="cpu", grad_checkpointing=True)
     ctx = distributed.setup("cpu")
-    objective = SFTObjective.from_config(config, load_tokenizer(base), None)
+    tokenizer = load_tokenizer(base)
+    objective = SFTObjective.from_config(config, tokenizer, None)
     weights = FullWeights(config, ctx, None)
-    model = weights.load(Path(base), 32000)
+    model = weights.load(Path(base), tokenizer.vocab_size)
     optimizer = torch.optim.AdamW(weights.param_groups(model), lr=config.lr)
     scheduler = cosine_with_warmup(optimizer, 0, 3)
     for step in range(3):
@@ -36,7 +37,7 @@ def main(base: str, data: str, out: str, result: str) -> None:
         train_step(model, weights.forward_fn(model), objective, weights, batch, optimizer, scheduler, config, ctx)
     Path(out).mkdir(exist_ok=True)
     weights.save_final(Path(out), model)
-    ids = torch.arange(40).view(2, 20) * 797 % 32000
+    ids = torch.arange(40).view(2, 20) * 797 % tokenizer.vocab_size
     with torch.no_grad():
         trained = model.eval()(ids)  # every process runs the forward: the layers gather collectively
     if ctx.is_main:
@@ -44,7 +45,8 @@ def main(base: str, data: str, out: str, result: str) -> None:
         with torch.no_grad():
             diff = (exported(ids) - trained).abs().max().item()
         base_diff = (komt.load_model(base)(ids) - trained).abs().max().item()
-        Path(result).write_text(json.dumps({"max_diff": diff, "base_diff": base_diff,
+        tied = model.lm_head.weight is model.model.embed_tokens.weight  # still one parameter after training
+        Path(result).write_text(json.dumps({"max_diff": diff, "base_diff": base_diff, "tied": tied,
                                             "files": sorted(p.name for p in Path(out).iterdir())}))
     distributed.teardown(ctx)
 

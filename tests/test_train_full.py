@@ -20,6 +20,7 @@ import torch
 import komt
 from komt.generate.tokenizer import load_tokenizer
 from komt.model import Transformer, preset
+from komt.model.safetensors_file import SafetensorsFile
 from komt.train import TrainConfig, distributed, train
 from komt.train.full import FullWeights
 from komt.train.schedule import cosine_with_warmup
@@ -118,8 +119,14 @@ def test_one_process_full_run_trains_every_weight_and_exports_what_it_trained(se
 
 
 @pytest.mark.slow
-def test_sharded_export_gives_the_sharded_models_logits(setup, tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_sharded_export_gives_the_sharded_models_logits(setup, tmp_path, tied):
     base, data = setup
+    if tied:  # tiny-llama ties lm_head to the embedding: both must stay one sharded parameter
+        base = tmp_path / "tiny-llama"
+        subprocess.run(["cp", "-a", str(ROOT / "tests" / "fixtures" / "tiny-llama"), str(base)], check=True)
+        subprocess.run(["cp", str(ROOT / "tests" / "fixtures" / "tiny-tokenizer" / "tokenizer.model"), str(base)],
+                       check=True)
     out, result = tmp_path / "export", tmp_path / "result.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "fsdp_export_check.py"), str(base), str(data), str(out), str(result)]
@@ -127,7 +134,11 @@ def test_sharded_export_gives_the_sharded_models_logits(setup, tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(result.read_text())
     assert report["max_diff"] <= 1e-6 and report["base_diff"] > 1e-3, report  # equal to the trained, not the base
-    assert report["files"] == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert report["tied"] == tied
+    files = ["config.json", "model.safetensors", "tokenizer.model"]
+    assert report["files"] == (files[:1] + ["generation_config.json"] + files[1:] if tied else files)
+    if tied:
+        assert "lm_head.weight" not in SafetensorsFile(out / "model.safetensors").keys()
 
 
 @pytest.mark.slow

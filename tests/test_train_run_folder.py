@@ -57,7 +57,7 @@ def test_files_no_komt_run_wrote_are_never_overwritten(setup, tmp_path, name, co
 
 def test_a_model_folder_as_output_is_refused(setup):
     base, _ = setup
-    with pytest.raises(ConfigError, match="config.json, model.safetensors, which no komt run wrote"):
+    with pytest.raises(ConfigError, match="holds config.json, model.safetensors, tokenizer.model, which no komt run wrote"):
         run(setup, base)
 
 
