@@ -126,7 +126,7 @@ def _run(config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) 
         check_same_run(state["run"], run, folder.resume_from)
         weights.restore(folder.resume_from, model, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
-        rngs = state["rng"]
+        rngs = state["rng"]  # one per process; a full run (no dropout) may resume on more processes
         set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0], ctx.device)
         start, tokens_seen = state["step"], state["tokens_seen"]
         say(log, f"resuming from {folder.resume_from} (step {start})")
