@@ -209,3 +209,15 @@ def test_two_processes_train_dpo_like_one_with_the_same_global_batch(folders, tm
     m2, m1 = metrics(two), metrics(one)
     for name in ("loss", "rewards/chosen", "rewards/accuracies", "logps/rejected", "eval_loss", "eval_rewards/margins"):
         assert [m.get(name) for m in m2] == pytest.approx([m.get(name) for m in m1], abs=1e-5), name
+
+
+@pytest.mark.cuda
+def test_dpo_on_cuda_under_bf16_autocast_matches_trl_loosely_and_learns(folders, tmp_path):
+    """The GPU path (bf16 base, fp32 LoRA, bf16 autocast): step 1 within bf16 noise of trl's fp32 figures."""
+    base, reference = folders
+    first = dpo(base, tmp_path / "ref", ref_model=str(reference), device="cuda")[0]
+    want = EXPECTED["trl_step1"]["sigmoid"]
+    assert first["loss"] == pytest.approx(want["loss"], abs=5e-3)
+    assert first["logps/chosen"] == pytest.approx(want["logps/chosen"], rel=2e-2)
+    m = dpo(base, tmp_path / "own", max_steps=12, lr=2e-2, device="cuda", grad_checkpointing=True)
+    assert m[-1]["rewards/accuracies"] == 1.0 and m[-1]["loss"] < 0.6

@@ -211,3 +211,15 @@ def test_full_dpo_on_two_processes_equals_one(tmp_path):
         got, want = [m.get(name) for m in outputs[2]], [m.get(name) for m in outputs[1]]
         assert got == pytest.approx(want, abs=1e-4 if "logps" in name else 1e-5), name
     assert outputs[1][-1]["rewards/accuracies"] == 1.0
+
+
+@pytest.mark.cuda
+def test_full_fine_tuning_on_cuda_trains_and_exports_bf16(setup, tmp_path):
+    """One process on CUDA: fp32 master weights under bf16 autocast; the export is in --dtype auto = bf16."""
+    base, data = setup
+    out = train(TrainConfig(model=str(base), data=str(data), output=str(tmp_path / "run"), full=True, batch_size=4,
+                            device="cuda", max_steps=8, lr=1e-3, warmup_steps=0, grad_checkpointing=True), log=None)
+    m = metrics(out)
+    assert m[-1]["loss"] < m[0]["loss"]
+    exported = komt.load_model(out)
+    assert {p.dtype for p in exported.parameters()} == {torch.bfloat16}
