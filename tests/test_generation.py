@@ -161,11 +161,11 @@ def test_stop_string_that_never_appears_changes_nothing(model_32k, tokenizer):
 
 
 def test_split_gemv_generates_the_reference_ids():
-    from komt.generate.cpu_decode import use_split_gemv
+    from komt.model.cpu_layouts import use_cpu_layouts
 
     model = komt.load_model(FIXTURES / "tiny-llama")  # tied embeddings: the transposed lm_head is shared
     expected = load_file(FIXTURES / "tiny-llama" / "expected.safetensors")
-    assert use_split_gemv(model, threads=2) > 0
+    assert use_cpu_layouts(model, threads=2) > 0
     assert model.lm_head.weight is model.model.embed_tokens.weight
     prompt = expected["greedy_prompt"][0].tolist()
     want = expected["greedy_new_ids"][0].tolist()
@@ -175,11 +175,11 @@ def test_split_gemv_generates_the_reference_ids():
 @pytest.mark.slow
 def test_compiled_split_gemv_decode_generates_the_reference_ids():
     """The fused/split CPU products inside a compiled step (an opaque custom op there) change no token."""
-    from komt.generate.cpu_decode import use_split_gemv
+    from komt.model.cpu_layouts import use_cpu_layouts
 
     model = komt.load_model(FIXTURES / "tiny-llama")
     expected = load_file(FIXTURES / "tiny-llama" / "expected.safetensors")
-    assert use_split_gemv(model, threads=2) > 0
+    assert use_cpu_layouts(model, threads=2) > 0
     prompt = expected["greedy_prompt"][0].tolist()
     want = expected["greedy_new_ids"][0].tolist()
     assert generate(model, prompt, max_new_tokens=len(want), compile_mode="default") == want

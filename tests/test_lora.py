@@ -140,7 +140,7 @@ def test_base_checkpoint_loads_into_lora_model_unchanged():
 def test_lora_forward_is_base_plus_scaled_low_rank_update():
     torch.manual_seed(0)
     linear = nn.Linear(12, 10, bias=False)
-    layer = LoRALinear(linear.weight, r=4, alpha=8, dropout=0.0)
+    layer = LoRALinear(linear, r=4, alpha=8, dropout=0.0)
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(3, 5, 12)
     want = x @ linear.weight.T + 2.0 * (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
@@ -153,7 +153,7 @@ def test_merged_equals_unmerged_and_unmerge_restores_weights(expected):
     model = komt.load_model(BASE)
     inject_lora(model, LoRAConfig())
     random_lora(model)
-    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    weights = {n: m.base_layer.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     unmerged = logits_of(model, input_ids)
     for _, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -164,7 +164,7 @@ def test_merged_equals_unmerged_and_unmerge_restores_weights(expected):
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             m.unmerge()
-            assert torch.allclose(m.weight, weights[name], atol=1e-6)
+            assert torch.allclose(m.base_layer.weight, weights[name], atol=1e-6)
     assert torch.allclose(logits_of(model, input_ids), unmerged, atol=1e-5, rtol=0)
 
 
@@ -178,7 +178,7 @@ def test_merge_lora_leaves_plain_linear_layers_with_the_same_logits(expected):
 
 def test_dropout_acts_on_the_lora_path_in_training_only():
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(16, 16, bias=False).weight, r=4, alpha=8, dropout=0.5)
+    layer = LoRALinear(nn.Linear(16, 16, bias=False), r=4, alpha=8, dropout=0.5)
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(4, 16)
     layer.eval()
@@ -193,10 +193,10 @@ def test_dropout_keeps_the_expected_lora_output(p):
     averaged over many masks equals the no-dropout output. Without the rescale the mean would be (1 - p)
     times too small: at p = 0.5 half, at p = 0.05 5 %, both far outside the bound checked here."""
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(16, 8, bias=False).weight, r=4, alpha=8, dropout=p)
+    layer = LoRALinear(nn.Linear(16, 8, bias=False), r=4, alpha=8, dropout=p)
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(1, 16)
-    base = x @ layer.weight.T  # (1, 8)
+    base = x @ layer.base_layer.weight.T  # (1, 8)
     layer.eval()
     want = layer(x) - base  # the update without dropout
     layer.train()
@@ -220,7 +220,7 @@ def test_lora_disabled_gives_the_base_layer_and_restores_the_adapter(expected):
         assert torch.allclose(logits_of(model, input_ids), logits_of(komt.load_model(BASE), input_ids), atol=0, rtol=0)
     assert torch.allclose(logits_of(model, input_ids), want, atol=1e-4, rtol=0)
     merge_lora(komt.load_model(BASE, adapter=ADAPTER))  # merge_lora swaps the layers out: nothing to disable
-    layer = LoRALinear(nn.Linear(4, 4, bias=False).weight, r=2, alpha=2)
+    layer = LoRALinear(nn.Linear(4, 4, bias=False), r=2, alpha=2)
     layer.merge()
     with pytest.raises(ConfigError, match="cannot disable merged LoRA layers"):
         with lora_disabled(layer):
@@ -229,8 +229,8 @@ def test_lora_disabled_gives_the_base_layer_and_restores_the_adapter(expected):
 
 def test_bf16_base_with_fp32_lora_trains_in_fp32():
     torch.manual_seed(0)
-    weight = nn.Parameter(torch.randn(8, 16, dtype=torch.bfloat16), requires_grad=False)
-    layer = LoRALinear(weight, r=2, alpha=4, lora_dtype=torch.float32)
+    base = nn.Linear(16, 8, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    layer = LoRALinear(base, r=2, alpha=4, lora_dtype=torch.float32)
     out = layer(torch.randn(3, 16, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
     out.float().sum().backward()
@@ -292,7 +292,7 @@ def test_adapter_on_some_projections_only(tmp_path, expected):
     folder = copy_adapter(tmp_path)
     edit_config(folder, target_modules=["q_proj", "k_proj", "v_proj"])
     rewrite_weights(folder, lambda t: {k: v for k, v in t.items() if "self_attn" in k and "o_proj" not in k})
-    model = komt.load_model(BASE, adapter=folder)
+    model = komt.load_model(BASE, adapter=folder, layout="plain")
     assert isinstance(model.model.layers[0].self_attn.k_proj, LoRALinear)
     assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
     assert type(model.model.layers[0].mlp.up_proj) is nn.Linear

@@ -111,7 +111,10 @@ def test_nf4_linear_is_linear_on_its_dequantized_weight(dtype):
         "weight": (torch.uint8, (48, 64)), "absmax": (torch.uint8, (96,)), "nested_absmax": (torch.float32, (1,)),
         "nested_offset": (torch.float32, ()), "quant_map": (torch.float32, (16,)),
         "nested_quant_map": (torch.float32, (256,))}
-    assert not list(layer.parameters())  # a frozen base: nothing to train
+    assert not any(p.requires_grad for p in layer.parameters())  # a frozen base: nothing to train
+    x = x.detach().requires_grad_(True)  # the gradient that flows through to the layers below
+    layer(x).sum().backward()
+    assert torch.allclose(x.grad, torch.ones(2, 5, 48, dtype=dtype) @ layer.dequantize(dtype), atol=1e-2, rtol=0)
     stored_bits = 8 * (state["weight"].numel() + state["absmax"].numel()) + 32 * state["nested_absmax"].numel()
     assert stored_bits / (48 * 128) == 4 + 8 / BLOCK + 32 / (48 * 128)  # 4 bits, 8 per 64, one fp32 block of 256
 
@@ -139,3 +142,23 @@ def test_weights_that_do_not_fit_nf4_blocks_are_config_errors():
         quantize_nf4(torch.randn(8, 100))
     with pytest.raises(ConfigError, match="2-D weight"):
         NF4Linear.from_weight(torch.randn(64))
+
+
+def test_lora_trains_on_an_nf4_base_through_the_variant_contract():
+    """What QLoRA needs from the layer: LoRALinear(base_layer) over NF4 is base(x) + the scaled update, and only
+    the LoRA matrices (fp32: the base holds integers) receive gradients."""
+    from komt.model.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = NF4Linear.from_weight(torch.randn(32, 64) * 0.02)
+    layer = LoRALinear(base, r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    assert layer.lora_A.weight.dtype == torch.float32 and (layer.in_features, layer.out_features) == (64, 32)
+    x = torch.randn(3, 64)
+    out = layer(x)
+    update = layer.scale * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    assert torch.allclose(out, F.linear(x, base.dequantize()) + update, atol=1e-6, rtol=0)
+    out.sum().backward()
+    assert layer.lora_B.weight.grad is not None and layer.lora_A.weight.grad is not None
+    assert all(p.grad is None for p in base.parameters())
+    assert torch.allclose(layer.dequantize(), base.dequantize() + layer.delta_weight(), atol=1e-7, rtol=0)

@@ -55,12 +55,14 @@ class ModelAnswerer:
 
 def load_model_answerer(
     model_path: str, adapter: str | None = None, tokenizer_path: str | None = None,
-    device: str | None = None, dtype: str | None = None, **settings,
+    device: str | None = None, dtype: str | None = None, quantize: str | None = None,
+    group_size: int | None = None, **settings,
 ) -> ModelAnswerer:
-    """Load the checkpoint (and adapter) and its tokenizer (the checkpoint folder's, unless given)."""
+    """Load the checkpoint (and adapter, quantized if asked) and its tokenizer (the checkpoint folder's, unless given)."""
     import komt
 
-    model = komt.load_model(model_path, device=device, dtype=dtype, adapter=adapter)
+    model = komt.load_model(model_path, device=device, dtype=dtype, adapter=adapter, quantize=quantize,
+                            group_size=group_size)
     tokenizer = komt.load_tokenizer(tokenizer_path or getattr(model, "source_path", model_path))
     return ModelAnswerer(model, tokenizer, **settings)
 

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("answers")
     source.add_argument("--model", help="checkpoint folder or hub id to generate answers with")
     source.add_argument("--adapter", help="LoRA adapter folder applied to --model")
+    source.add_argument("--quantize", choices=("int8", "int4"), help="quantize the linear layers while loading")
+    source.add_argument("--group-size", type=int, help="quantization group size (int8: per channel; int4: 32)")
     source.add_argument("--tokenizer", help="tokenizer.model or its folder (default: the checkpoint's)")
     source.add_argument("--answers", help="JSONL with id and answer: judge these instead of generating")
     source.add_argument("--questions", help="JSONL (id, instruction) or text, one per line (default: komt's 37)")
@@ -118,7 +120,8 @@ def run_evaluation(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         else:
             device = args.device or default_device()
             answerer = load_model_answerer(
-                args.model, args.adapter, args.tokenizer, device, args.dtype, max_new_tokens=args.max_new_tokens,
+                args.model, args.adapter, args.tokenizer, device, args.dtype, quantize=args.quantize,
+                group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                 seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             )
             answer = cached_answerer(answerer, output.with_suffix(".answers.jsonl"), questions)
@@ -150,7 +153,7 @@ def run_perplexity(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from komt.eval.perplexity import file_examples, perplexity
 
     model = komt.load_model(args.model, device=args.device or default_device(), dtype=args.dtype,
-                            adapter=args.adapter)
+                            adapter=args.adapter, quantize=args.quantize, group_size=args.group_size)
     tokenizer = komt.load_tokenizer(args.tokenizer or getattr(model, "source_path", args.model))
     max_len = args.max_length or min(model.config.max_position_embeddings, DEFAULT_PPL_MAX_LEN)
     result = perplexity(model, file_examples(tokenizer, args.perplexity, max_len), max_len)

@@ -1,7 +1,9 @@
 """`python -m komt.generate.bench`: prefill and decode speed, time to first token and peak memory.
 
     python -m komt.generate.bench --preset smollm2-135m                     # CPU yardstick, fp32
-    python -m komt.generate.bench --preset smollm2-135m --gemv plain        # without the split GEMV
+    python -m komt.generate.bench --preset smollm2-135m --layout plain      # without the CPU layouts
+    python -m komt.generate.bench --preset smollm2-135m --quantize int8     # int8 weights (int4: groups of 32)
+    python -m komt.generate.bench --preset komt-mistral-7b --quantize int4 --prompt-len 128 --new-tokens 64
     python -m komt.generate.bench --preset tiny-mistral-32k --window 64 --new-tokens 512   # flat past W
     python -m komt.generate.bench --preset komt-mistral-7b --device cuda --dtype bf16 --cuda-graphs
     python -m komt.generate.bench --model path/to/checkpoint --prompt-len 512
@@ -28,6 +30,7 @@ import torch
 
 from komt.errors import KomtError
 from komt.model.checkpoint import random_model
+from komt.model.linear import is_linear
 
 
 def _peak_memory(device: torch.device) -> str:
@@ -65,30 +68,41 @@ def run_once(model, prompts: list[list[int]], new_tokens: int, compile_mode: str
     }
 
 
-def _check_against_eager(model, prompt: list[int], new_tokens: int, compile_mode: str | None) -> str:
-    """Greedy tokens of the benchmarked path vs plain eager decoding (split GEMV off) on the same weights.
+def _check_against_plain(model, plain, prompt: list[int], new_tokens: int, compile_mode: str | None) -> str:
+    """Greedy tokens of the benchmarked model vs the same weights with plain layers, eager, uncompiled.
 
-    In bf16 a fused kernel may round differently and flip a near-tie, so a late mismatch on random
-    weights is not necessarily a bug; an early one is.
+    In bf16 (and for the quantized CPU kernels, which compute in bf16) a fused kernel may round differently
+    and flip a near-tie, so a late mismatch on random weights is not necessarily a bug; an early one is.
     """
-    from komt.generate.cpu_decode import SplitGEMVLinear
     from komt.generate.generation import generate
 
     fast = generate(model, prompt, max_new_tokens=new_tokens, compile_mode=compile_mode)
-    split = [m for m in model.modules() if isinstance(m, SplitGEMVLinear)]
-    saved = [m.n_blocks for m in split]
-    for m in split:
-        m.n_blocks = 1  # one block: the plain product
-        m._blocks_of = -1
-    try:
-        eager = generate(model, prompt, max_new_tokens=new_tokens)
-    finally:
-        for m, n in zip(split, saved):
-            m.n_blocks, m._blocks_of = n, -1
+    eager = generate(plain, prompt, max_new_tokens=new_tokens)
     if fast == eager:
         return f"check: all {len(fast)} greedy tokens equal plain eager decoding"
     first = next(i for i, (a, b) in enumerate(zip(fast, eager)) if a != b)
     return f"check: greedy tokens differ from plain eager decoding from token {first} of {len(fast)}"
+
+
+def _build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, layout: str):
+    """(model, description) of the benchmarked weights: a checkpoint, or a preset with random weights."""
+    from komt.model.config import preset
+    from komt.model.cpu_layouts import use_cpu_layouts
+    from komt.model.load import choose_kernels, load_model
+    from komt.model.quantized_linear import QuantizeSpec
+
+    if args.model:
+        model = load_model(args.model, device=device, dtype=dtype, kernels=args.kernels, layout=layout,
+                           quantize=args.quantize, group_size=args.group_size)
+        return model, f"{args.model}"
+    name = args.preset or "smollm2-135m"
+    overrides = {} if args.window is None else {"sliding_window": args.window}
+    spec = QuantizeSpec(args.quantize, args.group_size) if args.quantize else None
+    model = random_model(preset(name, **overrides), device, dtype, args.seed, quantize=spec)
+    if layout == "auto" and device.type == "cpu":
+        use_cpu_layouts(model)
+    model.set_kernels(choose_kernels(device, args.kernels))
+    return model, f"{name} (random weights)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--window", type=int, help="override the preset's sliding window")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, = cores)")
-    p.add_argument("--gemv", choices=("split", "plain"), default="split",
-                   help="CPU: split single-row matmuls across cores (komt.generate.cpu_decode) or not")
+    p.add_argument("--layout", choices=("auto", "plain"), default="auto",
+                   help="auto: the CPU decoding layouts (komt.model.cpu_layouts); plain: the layers as loaded")
+    p.add_argument("--quantize", choices=("int8", "int4"), help="quantize the linear layers (see komt.load_model)")
+    p.add_argument("--group-size", type=int, help="quantization group size (int8 default: per channel; int4: 32)")
     p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
     compile_group = p.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
@@ -112,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help="torch.compile mode=reduce-overhead (CUDA graphs)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs (after one warm-up)")
     p.add_argument("--check", action="store_true",
-                   help="also generate with plain eager decoding and report whether the tokens agree")
+                   help="also generate with the same weights in plain layers, eager, and report whether the tokens agree")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -128,10 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from komt.errors import GenerationError
-    from komt.generate.cpu_decode import use_split_gemv
     from komt.model.checkpoint import parse_dtype
-    from komt.model.config import preset
-    from komt.model.load import choose_kernels, load_model
 
     for flag in ("prompt_len", "new_tokens", "batch_size", "repeat"):
         if getattr(args, flag) < 1:
@@ -140,26 +153,15 @@ def _bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    if args.model:
-        model = load_model(args.model, device=device, dtype=dtype, kernels=args.kernels)
-        source = f"{args.model}"
-    else:
-        name = args.preset or "smollm2-135m"
-        overrides = {} if args.window is None else {"sliding_window": args.window}
-        config = preset(name, **overrides)
-        model = random_model(config, device, dtype, args.seed)
-        model.set_kernels(choose_kernels(device, args.kernels))
-        source = f"{name} (random weights)"
+    model, source = _build(args, device, dtype, args.layout)
     config = model.config
-    gemv = "plain"
-    if args.gemv == "split" and use_split_gemv(model):
-        gemv = "split"
+    layers = sorted({type(m).__name__ for m in model.modules() if is_linear(m)})
     compile_mode = "reduce-overhead" if args.cuda_graphs else "default" if args.compile else None
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"komt.generate.bench: {source}, {n_params / 1e6:.1f}M params ({weight_bytes / 1e6:.0f} MB), "
           f"{device} {dtype}, {torch.get_num_threads()} threads, kernels {model.kernels}"
-          + (f", {gemv} GEMV" if device.type == "cpu" else "")
+          + f", {args.layout} layout ({', '.join(layers)})"
           + (f", compile {compile_mode}" if compile_mode else ""))
     print(f"batch {args.batch_size}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
           f"window {config.sliding_window}")
@@ -179,7 +181,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"{i + 1:>4} {r['prefill']:>14.1f} {r['ttft']:>10.3f} s {r['decode']:>13.1f} "
               f"{r['early']:>13} {r['late']:>12}")
     if args.check and args.batch_size == 1:
-        print(_check_against_eager(model, prompts[0], args.new_tokens, compile_mode))
+        plain, _ = _build(args, device, dtype, "plain")
+        print(_check_against_plain(model, plain, prompts[0], args.new_tokens, compile_mode))
     decode = sorted(r["decode"] for r in runs)
     gbps = weight_bytes * decode[-1] * (1 if args.batch_size == 1 else 1 / args.batch_size) / 1e9
     print(f"decode tok/s: best {decode[-1]:.1f}, median {statistics.median(decode):.1f} "

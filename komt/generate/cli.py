@@ -13,7 +13,7 @@ Prompts are framed as the model was trained: a single prompt as the model card's
 
 Dtype: `--dtype auto` (the default) is bf16 on CUDA (the model card's) and the checkpoint's own dtype on
 the CPU (so the 7B bf16 checkpoint loads in 14.5 GB; an fp32 checkpoint stays fp32). On the CPU the
-single-row matrix products are split across cores (komt.generate.cpu_decode).
+single-row matrix products are split across cores (komt.model.cpu_layouts, applied by load_model).
 
 Bad input (missing model, empty or too long prompt, bad sampling value) is one `error: ...` line on stderr
 and exit status 2 (argparse's own errors: its usage line, status 2).
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply")
     p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model or its folder (default: the model folder's)")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="quantize the linear layers while loading: int8 per channel, int4 in groups of 32")
+    p.add_argument("--group-size", type=_number(int, "--group-size", 1), metavar="G",
+                   help="quantization group size (int8: default per channel; int4: 32, 64 or 128)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="off",
                    help="torch.compile the decode step (reduce-overhead = CUDA graphs); compiling takes a while")
     return p
@@ -153,16 +157,14 @@ def open_checkpoint(args: argparse.Namespace):
 
 def load_weights(args: argparse.Namespace, folder: Path, stderr: TextIO):
     """The model on the requested device, in the requested dtype, with a progress bar for big checkpoints."""
-    from komt.generate.cpu_decode import use_split_gemv
     from komt.model import load_model
 
     device = torch.device(args.device or default_device())
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GenerationError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    model = load_model(folder, device=device, dtype=resolve_dtype(args.dtype, device), adapter=args.adapter,
-                       kernels=args.kernels, progress=LoadProgress(stderr))
-    use_split_gemv(model)  # CPU decoding layouts; a no-op on other devices
-    return model
+    return load_model(folder, device=device, dtype=resolve_dtype(args.dtype, device), adapter=args.adapter,
+                      kernels=args.kernels, progress=LoadProgress(stderr), quantize=args.quantize,
+                      group_size=args.group_size)
 
 
 # ---- answering ------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from komt.model.config import ModelConfig
+from komt.model.linear import project
 from komt.model.rope import apply_rope
 
 KERNEL_BACKENDS = ("torch", "triton")
@@ -51,15 +52,17 @@ class AttentionContext:
     """What every layer's attention needs to know about positions, computed once per forward.
 
     `key_positions` is None when there is no cache: keys are the queries' own positions, in order.
-    `mask` is the boolean visibility mask for the torch backend, or None when plain causal attention
-    (SDPA's `is_causal`) already says the same thing.
+    The SDPA mask is built on first use and then shared by every layer: the torch backend always uses it,
+    the Triton backend only when it falls back to SDPA (autograd), and either way it carries the sliding
+    window and the cache's slot positions (a mask-less fallback would silently run plain causal attention).
     """
 
     query_positions: torch.Tensor  # (B, T)
     key_positions: torch.Tensor | None  # (B, S) or None
     window: int | None
     backend: str
-    mask: torch.Tensor | None = None
+    _mask: torch.Tensor | None = None
+    _mask_built: bool = False
 
     @classmethod
     def build(
@@ -71,13 +74,20 @@ class AttentionContext:
     ) -> "AttentionContext":
         ctx = cls(query_positions, key_positions, window, backend)
         if backend == "torch":
-            T = query_positions.shape[1]
-            if key_positions is None and (window is None or window >= T):
-                ctx.mask = None  # causal over the same T positions: is_causal says it
-            else:
-                keys = query_positions if key_positions is None else key_positions
-                ctx.mask = visibility_mask(query_positions, keys, window)
+            ctx.sdpa_mask()  # once here, not inside the first layer (keeps compiled graphs simple)
         return ctx
+
+    def sdpa_mask(self) -> torch.Tensor | None:
+        """The boolean mask [B, 1, T, S] for SDPA, or None when plain causal attention (`is_causal`) is exact."""
+        if not self._mask_built:
+            T = self.query_positions.shape[1]
+            if self.key_positions is None and (self.window is None or self.window >= T):
+                self._mask = None  # causal over the same T positions: is_causal says it
+            else:
+                keys = self.query_positions if self.key_positions is None else self.key_positions
+                self._mask = visibility_mask(self.query_positions, keys, self.window)
+            self._mask_built = True
+        return self._mask
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -95,9 +105,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
         return kernels.attention(
             q, k, v, causal=True, window=ctx.window, q_pos=ctx.query_positions, k_pos=ctx.key_positions
         )
-    if ctx.mask is None:
+    mask = ctx.sdpa_mask()
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -114,8 +125,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.n_kv_heads * D, bias=False)
         self.v_proj = nn.Linear(hidden, self.n_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(self.n_heads * D, hidden, bias=False)
-        # Optional: q, k and v in one product (komt.generate.cpu_decode sets it for CPU decoding).
-        self.fused_qkv: nn.Module | None = None
 
     def forward(
         self,
@@ -127,10 +136,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         D = self.head_dim
-        if self.fused_qkv is not None:
-            q, k, v = self.fused_qkv(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # (B, T, H*D), (B, T, Hkv*D) x 2
         # (B, T, H*D) -> (B, T, H, D) -> (B, H, T, D)
         q = q.view(B, T, self.n_heads, D).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, D).transpose(1, 2)

@@ -25,6 +25,8 @@ from torch import nn
 
 from komt.errors import CheckpointError, ConfigError
 from komt.model.config import ModelConfig
+from komt.model.linear import replace_module
+from komt.model.quantized_linear import QuantizedLinear, QuantizeSpec, empty_quantized, quantize_linears
 from komt.model.safetensors_file import SafetensorsFile
 from komt.model.transformer import Transformer
 
@@ -124,22 +126,36 @@ def build_empty_model(config: ModelConfig) -> Transformer:
         return Transformer(config)
 
 
-def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
+def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                 quantize: QuantizeSpec | None = None) -> Transformer:
     """A model of `config` with random weights (N(0, 0.02), norms 1), for benchmarks and tests.
 
     Built on the meta device and allocated once, straight on `device` in `dtype`, so the 7B shape never
-    exists twice (no fp32 or CPU copy first). Frozen (requires_grad False) and in eval mode, like a loaded one.
+    exists twice (no fp32 or CPU copy first). With `quantize`, each linear layer's random weight is made
+    and quantized one layer at a time, so peak memory is the quantized model's (the 7B shape in int4 fits
+    in ~4 GB). Frozen (requires_grad False) and in eval mode, like a loaded one.
     """
     model = build_empty_model(config).to(dtype)
-    model.to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty made them two tensors
     generator = torch.Generator(device=device).manual_seed(seed)
+
+    def random_weight(_name: str, linear: nn.Linear) -> torch.Tensor:
+        w = torch.empty(linear.out_features, linear.in_features, device=device, dtype=dtype)
+        return w.normal_(0.0, 0.02, generator=generator)
+
+    if quantize is not None:
+        quantize_linears(model, quantize, random_weight)
+    else:
+        model.to_empty(device=device)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # to_empty made them two tensors
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if param.is_meta:  # what quantize_linears left: embeddings and norms
+                param = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
+                _set_parameter(model, name, param)
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
-            else:
+            elif param.dtype.is_floating_point and not isinstance(model.get_submodule(name.rpartition(".")[0]), QuantizedLinear):
                 param.normal_(0.0, 0.02, generator=generator)
     return model.eval().requires_grad_(False)
 
@@ -150,10 +166,18 @@ def load_weights(
     device: torch.device,
     dtype: torch.dtype | None,
     progress: ProgressFn | None = None,
+    quantize: QuantizeSpec | None = None,
 ) -> None:
-    """Fill a meta-device model from checkpoint shards; every expected tensor must appear exactly once."""
+    """Fill a meta-device model from checkpoint shards; every expected tensor must appear exactly once.
+
+    With `quantize`, each linear layer's weight is quantized as it is read, straight from the memory map,
+    and the layer becomes an Int8Linear / Int4Linear: peak memory stays near the quantized model's size
+    plus one weight, never the full-precision model. Layers that the file already holds quantized
+    (`swap_in_quantized_layers`) keep their stored integers and scales unchanged.
+    """
     expected = dict(model.named_parameters(remove_duplicate=True))
-    tied = model.config.tie_word_embeddings
+    # A tied head is the embedding, unless the file stores it quantized (a layer of its own).
+    tied = model.config.tie_word_embeddings and not isinstance(model.lm_head, QuantizedLinear)
     if tied:
         expected.pop("lm_head.weight", None)
     total = sum(shard.stat().st_size for shard in shards)
@@ -172,11 +196,22 @@ def load_weights(
                 raise CheckpointError(
                     f"{shard}: tensor {name!r} has shape {tuple(source.shape)}, expected {want}"
                 )
-            target_dtype = dtype or _checkpoint_dtype(model.config, source)
-            value = source.to(device=device, dtype=target_dtype)
-            if value.data_ptr() != source.data_ptr():
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if isinstance(module, QuantizedLinear):  # stored quantized: integers and fp16 scales as they are
+                if source.dtype != expected[name].dtype:
+                    raise CheckpointError(f"{shard}: quantized tensor {name!r} is {source.dtype}, "
+                                          f"expected {expected[name].dtype}")
+                value = source.to(device=device)
+            elif quantize is not None and attr == "weight" and type(module) is nn.Linear:
+                replace_module(model, module_name, quantize.layer(module_name, source.to(device=device)))
+                value = None
+            else:
+                value = source.to(device=device, dtype=dtype or _checkpoint_dtype(model.config, source))
+            if value is None or value.data_ptr() != source.data_ptr():
                 reader.release(name)  # copied: the mapped pages are no longer needed
-            _set_parameter(model, name, value)
+            if value is not None:
+                _set_parameter(model, name, value)
             loaded.add(name)
             done += source.numel() * source.element_size()
             if progress is not None:
@@ -186,8 +221,46 @@ def load_weights(
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}{more}")
-    if tied:
+    if tied and quantize is not None:  # the embedding stays dense (a lookup); the head gets its own copy
+        model.lm_head = quantize.layer("lm_head", model.model.embed_tokens.weight)
+    elif tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def swap_in_quantized_layers(model: Transformer, shards: list[Path]) -> int:
+    """Give every layer that the checkpoint stores quantized (it has `<name>.scales`) an empty
+    Int8Linear / Int4Linear of the stored shapes (meta device), so `load_weights` fills it as stored.
+
+    int8 vs int4 is read from the stored weight's dtype (int8 / uint8), the group from the scales' shape.
+    Only safetensors shards can hold quantized layers (komt.quantize writes safetensors).
+    """
+    count = 0
+    for shard in shards:
+        if shard.suffix != ".safetensors":
+            continue
+        reader = ShardReader(shard)
+        names = set(reader.names())
+        for name in sorted(n for n in names if n.endswith(".scales")):
+            module_name = name.removesuffix(".scales")
+            weight_name = module_name + ".weight"
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                raise CheckpointError(f"{shard}: {name!r} belongs to no layer of this model") from None
+            if weight_name not in names or type(module) is not nn.Linear:
+                raise CheckpointError(f"{shard}: {name!r} has no quantized weight {weight_name!r} beside it")
+            weight, scales = reader.tensor(weight_name), reader.tensor(name)
+            method = {torch.int8: "int8", torch.uint8: "int4"}.get(weight.dtype)
+            if method is None or scales.dim() != 2 or scales.shape[1] == 0 or scales.dtype != torch.float16:
+                raise CheckpointError(f"{shard}: {weight_name!r} ({weight.dtype}) with {name!r} "
+                                      f"({scales.dtype}, {tuple(scales.shape)}) is not an int8/int4 layer")
+            group = module.in_features // scales.shape[1]
+            if method == "int4" and module_name + ".offsets" not in names:
+                raise CheckpointError(f"{shard}: int4 layer {module_name!r} has no {module_name}.offsets")
+            replace_module(model, module_name, empty_quantized(method, module.out_features, module.in_features,
+                                                               group, device="meta"))
+            count += 1
+    return count
 
 
 def _checkpoint_dtype(config: ModelConfig, tensor: torch.Tensor) -> torch.dtype:
@@ -199,7 +272,7 @@ def _checkpoint_dtype(config: ModelConfig, tensor: torch.Tensor) -> torch.dtype:
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+    setattr(module, attr, value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False))
 
 
 def load_checkpoint(
@@ -207,6 +280,7 @@ def load_checkpoint(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     progress: ProgressFn | None = None,
+    quantize: QuantizeSpec | None = None,
 ) -> Transformer:
     """config.json + weights in `folder` -> a Transformer in eval mode on `device`."""
     if not folder.is_dir():
@@ -214,7 +288,9 @@ def load_checkpoint(
     config = ModelConfig.from_file(folder / "config.json")
     shards = find_weight_shards(folder)
     model = build_empty_model(config)
-    load_weights(model, shards, torch.device(device or "cpu"), parse_dtype(dtype), progress)
+    if swap_in_quantized_layers(model, shards) and quantize is not None:
+        raise ConfigError(f"{folder}: the checkpoint is already quantized; load it without quantize=")
+    load_weights(model, shards, torch.device(device or "cpu"), parse_dtype(dtype), progress, quantize)
     return model.eval()
 
 

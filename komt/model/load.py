@@ -10,8 +10,10 @@ import torch
 
 from komt.errors import ConfigError
 from komt.model.attention import KERNEL_BACKENDS
-from komt.model.checkpoint import ProgressFn, load_checkpoint
+from komt.model.checkpoint import ProgressFn, load_checkpoint, parse_dtype
+from komt.model.gguf_model import is_gguf, load_gguf_model
 from komt.model.hub import resolve_model_path
+from komt.model.quantized_linear import QuantizeSpec
 from komt.model.transformer import Transformer
 
 
@@ -45,6 +47,9 @@ def choose_kernels(device: torch.device, requested: str | None = None, head_dim:
     return choice
 
 
+LAYOUTS = ("auto", "plain")
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -52,19 +57,44 @@ def load_model(
     adapter: str | os.PathLike | None = None,
     kernels: str | None = None,
     progress: ProgressFn | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    layout: str = "auto",
 ) -> Transformer:
-    """Load a Hugging Face-format Mistral/Llama checkpoint (folder or hub id) in eval mode.
+    """Load a Mistral/Llama checkpoint in eval mode: a Hugging Face folder or hub id, or a GGUF file.
 
     `dtype` None keeps the checkpoint's dtype; `adapter` applies a PEFT LoRA adapter folder;
-    `kernels` picks "torch" or "triton" (default: Triton on CUDA). `model(input_ids)` -> logits.
+    `kernels` picks "torch" or "triton" (default: Triton on CUDA). `quantize` "int8" / "int4" quantizes the
+    linear layers while loading (`group_size`: int8 per channel by default, int4 32); a checkpoint written
+    by `python -m komt.quantize` loads quantized as stored. `layout` "auto" gives a CPU model the fast CPU
+    decoding layouts (komt.model.cpu_layouts); "plain" keeps the layers as loaded.
+    `model(input_ids)` -> logits [B, T, V].
     """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    spec = None
+    if quantize is not None:
+        spec = QuantizeSpec(quantize, group_size)
+    elif group_size is not None:
+        raise ConfigError("group_size needs quantize='int8' or 'int4'")
     folder = resolve_model_path(name_or_path)
     device = torch.device(device or "cpu")
-    model = load_checkpoint(Path(folder), device=device, dtype=dtype, progress=progress)
+    if is_gguf(folder):
+        model = load_gguf_model(folder, device, parse_dtype(dtype), spec, progress)
+    else:
+        model = load_checkpoint(Path(folder), device=device, dtype=dtype, progress=progress, quantize=spec)
     model.source_path = Path(folder)
+    fallbacks = spec.fallbacks(model) if spec is not None else []
+    if fallbacks:
+        print(f"komt: {len(fallbacks)} layers have an input size that int4 groups of {spec.group_size or 32} do not "
+              f"divide (e.g. {fallbacks[0]}); they use int8 per channel", file=sys.stderr)
     if adapter is not None:
         from komt.model.lora import load_adapter
 
         load_adapter(model, adapter)
+    if layout == "auto" and device.type == "cpu":
+        from komt.model.cpu_layouts import use_cpu_layouts
+
+        use_cpu_layouts(model)
     model.set_kernels(choose_kernels(device, kernels, model.config.head_dim))
     return model

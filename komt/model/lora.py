@@ -2,10 +2,11 @@
 
     y = x W^T + (alpha / r) * B(A(dropout(x)))        W [out, in] frozen, A [r, in], B [out, r]
 
-A starts Kaiming-uniform and B at zero, so a fresh adapter leaves the model unchanged. `LoRALinear`
-keeps the frozen weight under nn.Linear's own name `weight` (torchtune's choice), so a base checkpoint
-loads into a LoRA model unchanged and nothing else in the model knows LoRA exists: `inject_lora` swaps
-the layers in by module name, `merge_lora` folds them back into plain nn.Linear.
+A starts Kaiming-uniform and B at zero, so a fresh adapter leaves the model unchanged. `LoRALinear` wraps
+the frozen layer it adapts as its submodule `base_layer` (PEFT's name), whatever variant that layer is
+(komt.model.linear: dense, int8, int4, NF4, a CPU layout), so LoRA on a quantized base (QLoRA) is the same
+code as on a dense one, and nothing else in the model knows LoRA exists: `inject_lora` swaps the layers in
+by module name, `merge_lora` folds them back into plain nn.Linear.
 
 On disk an adapter is a Hugging Face PEFT folder, so it works with the rest of the ecosystem:
 
@@ -30,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from komt.atomic import write_text_atomic
 from komt.errors import CheckpointError, ConfigError
+from komt.model.linear import dense_weight, is_linear, replace_module
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -134,27 +135,36 @@ class InputDropout(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """A frozen `weight` [out, in] (nn.Linear's name) plus the low-rank update scale * B A.
+    """A frozen base layer (any linear variant: nn.Linear, int8, int4, NF4, a CPU layout) plus the low-rank
+    update scale * B A.
 
-    The LoRA matrices may have their own dtype (fp32 for training a bf16 base: AdamW's updates are far
-    below bf16's resolution); the update is computed in it (or in autocast's dtype, under autocast) and
-    added in the base output's dtype.
+    The base is the submodule `base_layer` (PEFT's name), so LoRA works on top of a quantized base (QLoRA)
+    exactly as on a dense one. The LoRA matrices may have their own dtype (fp32 for training a bf16 base:
+    AdamW's updates are far below bf16's resolution); the update is computed in it (or in autocast's
+    dtype, under autocast) and added in the base output's dtype.
     """
 
-    def __init__(self, weight: nn.Parameter, r: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, lora_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.weight = weight
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha = r, alpha
         self.scale = lora_scale(alpha, r, use_rslora)
-        factory = {"device": weight.device, "dtype": lora_dtype or weight.dtype}
+        base = next(base_layer.parameters())
+        # A quantized base holds integers: its LoRA matrices default to fp32 (they are tiny).
+        default_dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+        factory = {"device": base.device, "dtype": lora_dtype or default_dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         self.dropout = InputDropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.enabled = True  # False: the base layer alone (see `lora_disabled`)
         self.reset_lora_parameters()
+        # The state dict names the base's tensors as the unwrapped layer did (`q_proj.weight`, not
+        # `q_proj.base_layer.weight`), so a base checkpoint loads into a LoRA model unchanged.
+        self._register_state_dict_hook(_unwrap_base_names)
+        self.register_load_state_dict_pre_hook(_wrap_base_names)
 
     def reset_lora_parameters(self) -> None:
         """A as nn.Linear initialises itself (PEFT does the same), B zero: the update starts at exactly 0."""
@@ -162,7 +172,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = self.base_layer(x)
         if self.merged or not self.enabled:
             return out
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their own dtype
@@ -174,18 +184,32 @@ class LoRALinear(nn.Module):
         """scale * B @ A in fp32: [out, r] @ [r, in] -> [out, in]."""
         return self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight this layer computes with: the base's (dequantized) weight + the update."""
+        if self.merged:
+            return dense_weight(self.base_layer).to(dtype)
+        return (dense_weight(self.base_layer).float() + self.delta_weight()).to(dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into `weight` (rounded once, from fp32) so inference costs one matmul."""
+        """Fold the update into a dense base's `weight` (rounded once, from fp32): one matmul per call.
+
+        A quantized base cannot take the update in place (requantizing would lose it): `merge_lora`
+        replaces such a layer by a dense one holding `dequantize()` instead.
+        """
+        if not isinstance(self.base_layer, nn.Linear):
+            raise ConfigError(f"cannot merge LoRA into a {type(self.base_layer).__name__} in place; use merge_lora")
         if not self.merged:
-            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            weight = self.base_layer.weight
+            weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update back out of `weight` (exact in fp32; in bf16 each round trip rounds once more)."""
+        """Take the update back out of the base weight (exact in fp32; in bf16 each round trip rounds once more)."""
         if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            weight = self.base_layer.weight
+            weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
             self.merged = False
 
     def adapter_params(self) -> list[nn.Parameter]:
@@ -195,36 +219,50 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
+def _unwrap_base_names(module: nn.Module, state_dict: dict, prefix: str, _metadata) -> None:
+    inner = prefix + "base_layer."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _wrap_base_names(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    own = {prefix + "lora_A.weight", prefix + "lora_B.weight"}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in own]:
+        rest = key[len(prefix):]
+        if "." not in rest or not rest.startswith(("base_layer.", "lora_A.", "lora_B.", "dropout.")):
+            state_dict[prefix + "base_layer." + rest] = state_dict.pop(key)
+
+
 def matches_target(name: str, targets: tuple[str, ...]) -> bool:
     """PEFT's rule for a list of targets: the module name is a target or ends with "." + a target."""
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype | None = None) -> list[str]:
-    """Swap every nn.Linear whose name matches a target for a LoRALinear; freeze everything but LoRA.
+    """Wrap every linear layer (of any variant) whose name matches a target in a LoRALinear; freeze all but LoRA.
 
     Returns the swapped module names. A target that matches no linear layer is a ConfigError (a typo
     would otherwise train nothing), and so is a target whose weight is tied to another module.
     """
     if not config.targets:
         raise ConfigError("LoRA needs at least one target module (e.g. q_proj)")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches_target(n, config.targets)]
+    names = [n for n, m in model.named_modules() if _adaptable(m) and matches_target(n, config.targets)]
     for target in config.targets:
         if not any(matches_target(n, (target,)) for n in names):
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _adaptable(m)})
             raise ConfigError(f"LoRA target {target!r} matches no linear layer; known: {', '.join(linear)}")
     tied = _tied_parameter_ids(model)
     for param in model.parameters():
         param.requires_grad_(False)
     for name in names:
         linear = model.get_submodule(name)
-        if linear.bias is not None:
+        if getattr(linear, "bias", None) is not None:
             raise ConfigError(f"cannot put LoRA on {name}: it has a bias, which komt's LoRALinear does not keep")
-        if id(linear.weight) in tied:
+        if any(id(p) in tied for p in linear.parameters()):
             raise ConfigError(f"cannot put LoRA on {name}: its weight is tied to another module")
-        layer = LoRALinear(linear.weight, config.r, config.alpha, config.dropout, config.use_rslora, lora_dtype)
+        layer = LoRALinear(linear, config.r, config.alpha, config.dropout, config.use_rslora, lora_dtype)
         layer.train(linear.training)  # a model in eval mode stays in eval mode (no dropout)
-        _replace_module(model, name, layer)
+        replace_module(model, name, layer)
     return names
 
 
@@ -266,13 +304,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge every LoRALinear and put a plain nn.Linear back in its place (PEFT's merge_and_unload)."""
+def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge every LoRALinear and put a plain nn.Linear back in its place (PEFT's merge_and_unload).
+
+    A dense base takes the update in place. A quantized base (QLoRA) becomes a dense layer holding
+    dequantize(base) + update, in `dtype` (default: float32): the update is folded into the very weights it
+    was trained against, not into the original unquantized ones (which PEFT users sometimes do, losing the
+    quantization error the adapter learned to correct).
+    """
     for name, module in lora_modules(model):
-        module.merge()
+        if isinstance(module.base_layer, nn.Linear):
+            module.merge()
+            weight = module.base_layer.weight
+        else:
+            weight = nn.Parameter(module.dequantize(dtype or torch.float32), requires_grad=False)
         linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-        linear.weight = module.weight
-        _replace_module(model, name, linear)
+        linear.weight = weight
+        replace_module(model, name, linear)
     return model
 
 
@@ -342,7 +390,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> LoRAConfig:
             raise CheckpointError(f"{path}: tensor {key!r} matches no module of the model") from None
         if isinstance(linear, LoRALinear):
             raise CheckpointError(f"{path}: module {module_name!r} already has a LoRA adapter")
-        if not isinstance(linear, nn.Linear) or linear.bias is not None:
+        if not _adaptable(linear) or getattr(linear, "bias", None) is not None:
             raise CheckpointError(f"{path}: tensor {key!r} targets {module_name!r}, which is not a bias-free linear layer")
         if set(pair) != {"A", "B"}:
             missing = ({"A", "B"} - set(pair)).pop()
@@ -352,20 +400,20 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> LoRAConfig:
         for key_x, x, want in ((key_a, a, (r, linear.in_features)), (key_b, b, (linear.out_features, r))):
             if tuple(x.shape) != want:
                 raise CheckpointError(f"{path}: tensor {key_x!r} has shape {tuple(x.shape)}, expected {want} (r={r})")
-        layer = LoRALinear(linear.weight, r, config.alpha, config.dropout, config.use_rslora)
+        layer = LoRALinear(linear, r, config.alpha, config.dropout, config.use_rslora)
         with torch.no_grad():
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
         for param in layer.adapter_params():
             param.requires_grad_(False)
         layer.train(linear.training)
-        _replace_module(model, module_name, layer)
+        replace_module(model, module_name, layer)
     return config
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+def _adaptable(module: nn.Module) -> bool:
+    """A linear layer LoRA can wrap: nn.Linear or any other variant (komt.model.linear), not LoRA itself."""
+    return is_linear(module) and not isinstance(module, LoRALinear)
 
 
 def _tied_parameter_ids(model: nn.Module) -> set[int]:

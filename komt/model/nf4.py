@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from komt.errors import ConfigError
+from komt.model.quantized_linear import QuantizedLinear
 
 BLOCK = 64  # weights per NF4 block
 NESTED_BLOCK = 256  # block maxima per second-level block
@@ -116,20 +116,22 @@ def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
     return values.reshape(O, 2 * half).to(dtype)
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(QuantizedLinear):
     """A bias-free linear layer whose frozen weight is held in NF4 (a layer variant, QUANT_SPEC.md).
 
     forward(x [..., I]) dequantizes the whole weight to x's dtype and calls F.linear, so it computes
-    exactly `F.linear(x, self.dequantize(x.dtype))`: correct on any device, memory-light at rest (4.13 bits
-    a weight), not fast (a fused NF4 kernel is a separate job). Buffers, not parameters: the base of
-    QLoRA does not train; the LoRA layers on top of it do.
+    exactly `F.linear(x, self.dequantize(x.dtype))`: correct on any device, 4.13 bits a weight at rest, not
+    fast (a fused NF4 kernel is a separate job). Like Int8Linear/Int4Linear its tensors are frozen
+    parameters (QLoRA trains the LoRA layers on top), and under autograd the backward recomputes the
+    dense weight (`QuantizedLinear`'s rule) instead of keeping one per layer alive until then.
     """
 
+    bits = 4
+
     def __init__(self, t: NF4Tensor) -> None:
-        super().__init__()
-        self.out_features, self.in_features = t.weight.shape[0], 2 * t.weight.shape[1]
+        super().__init__(2 * t.weight.shape[1], t.weight.shape[0], BLOCK)
         for name in ("weight", "absmax", "nested_absmax", "nested_offset", "quant_map", "nested_quant_map"):
-            self.register_buffer(name, getattr(t, name))
+            setattr(self, name, torch.nn.Parameter(getattr(t, name), requires_grad=False))
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> "NF4Linear":
@@ -144,8 +146,5 @@ class NF4Linear(nn.Module):
         """The dense weight [O, I] this layer computes with."""
         return dequantize_nf4(self.tensors(), dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype))
-
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 block {BLOCK}, double-quantized"
+        return f"{super().extra_repr()}, nf4 (double-quantized scales)"

@@ -19,6 +19,7 @@ from torch import nn
 
 from komt.model.attention import KERNEL_BACKENDS, Attention, AttentionContext
 from komt.model.config import ModelConfig
+from komt.model.linear import project
 from komt.model.rope import rope_angles
 
 
@@ -56,14 +57,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        # Optional: gate and up in one product (komt.generate.cpu_decode sets it for CPU decoding).
-        self.fused_gate_up: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate_up is not None:
-            gate, up = self.fused_gate_up(x)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = project(x, self.gate_proj, self.up_proj)  # (B, T, intermediate) each
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", help="fp32, bf16 or fp16 (default: the checkpoint's)")
+    parser.add_argument("--quantize", choices=("int8", "int4"), help="quantize the linear layers while loading")
+    parser.add_argument("--group-size", type=int, help="quantization group size (int8: per channel; int4: 32)")
     parser.add_argument("--model-name", help="the name /v1/models reports (default: the folder name)")
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="longest prompt piece prefilled at once with a sliding window (sets cache size)")
@@ -81,13 +83,13 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from komt import load_model, load_tokenizer
-    from komt.generate.cpu_decode import use_split_gemv
     from komt.serve.engine import Engine
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, device=device, dtype=args.dtype, adapter=args.adapter)
-    use_split_gemv(model)  # on the CPU, a lone request's decode steps use all cores; a no-op elsewhere
+    # (on the CPU, load_model gives a lone request's decode steps all cores: komt.model.cpu_layouts)
+    model = load_model(args.model, device=device, dtype=args.dtype, adapter=args.adapter,
+                       quantize=args.quantize, group_size=args.group_size)
     tokenizer = load_tokenizer(args.tokenizer or model.source_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "

@@ -60,7 +60,7 @@ def save_checkpoint(output: Path, step: int, model: torch.nn.Module, lora_config
         raise
 
 
-def new_checkpoint_folder(output: Path, step: int) -> Path:
+def new_checkpoint_folder(output: Path, step: int | str) -> Path:
     """A fresh hidden temp folder in `output` to build checkpoint-<step> in."""
     return Path(tempfile.mkdtemp(dir=output, prefix=f".checkpoint-{step}.", suffix=".tmp"))
 

@@ -23,6 +23,7 @@ The trainer (`komt.train.trainer`) calls the same methods on `komt.train.lora_we
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -32,15 +33,14 @@ from typing import Any, Callable, TextIO
 
 import torch
 
-from komt.atomic import atomic_file
 from komt.model.checkpoint import build_empty_model
+from komt.model.checkpoint_writer import TOKENIZER_FILES, write_checkpoint
 from komt.model.config import ModelConfig
 from komt.model.load import load_model
 from komt.model.lora import count_parameters
 from komt.train import distributed
 from komt.train.checkpoint import new_checkpoint_folder, publish_checkpoint
 from komt.train.config import TrainConfig
-from komt.train.merge import COPIED_FILES, write_weights
 from komt.train.model_prep import (autocast, check_vocabulary, enable_activation_checkpointing, resolve_dtype,
                                    uses_autocast)
 from komt.train.progress import say
@@ -82,7 +82,7 @@ class FullWeights:
     def _load(self, path: Path, config: ModelConfig, trainable: bool) -> torch.nn.Module:
         if not self.sharded:
             model = load_model(path, device=self.ctx.device, dtype=MASTER_DTYPE if trainable else self.dtype,
-                               kernels="torch")
+                               kernels="torch", layout="plain")
             if trainable and self.config.grad_checkpointing:
                 enable_activation_checkpointing(model)
             return model.requires_grad_(trainable)
@@ -93,7 +93,7 @@ class FullWeights:
             enable_activation_checkpointing(model)  # before sharding: FSDP2 then re-gathers for the recompute
         shard(model, self.mixed_precision())
         model.to_empty(device=self.ctx.device)  # each process: its own shards, uninitialised
-        full = load_model(path, device="cpu", dtype=MASTER_DTYPE).state_dict() if self.ctx.is_main else {}
+        full = load_model(path, device="cpu", dtype=MASTER_DTYPE, layout="plain").state_dict() if self.ctx.is_main else {}
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
         return model.requires_grad_(trainable)
@@ -177,11 +177,7 @@ class FullWeights:
         if self.ctx.is_main:
             for name in list(state):  # one tensor at a time: never the model twice in memory
                 state[name] = state[name].detach().to("cpu", self.dtype)
-            for name in COPIED_FILES:  # the base's tokenizer, so the folder is complete on its own
-                if (self.model_path / name).is_file():
-                    with atomic_file(output / name, "wb") as f:
-                        f.write((self.model_path / name).read_bytes())
-            write_weights(model.config, state, output)
+            export_checkpoint(model.config, state, output, self.model_path)
         distributed.barrier(self.ctx)
 
     def describe_output(self, output: Path) -> str:
@@ -195,6 +191,30 @@ def _single_process_dcp(ctx: distributed.DistContext) -> Iterator[None]:
         if not ctx.enabled:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+def export_checkpoint(config: ModelConfig, state: dict[str, torch.Tensor], output: Path, source: Path) -> None:
+    """Write `state` as a checkpoint folder's files into the run folder `output`, config.json last.
+
+    The run folder already holds checkpoints and metrics, so the files cannot arrive as one renamed
+    folder: they are written by komt's checkpoint writer into a hidden temp folder (cleared by the next
+    run's start if this one is killed), then moved in one by one, config.json, what makes the folder a
+    loadable checkpoint, last.
+    """
+    model = build_empty_model(config)
+    model.load_state_dict(state, assign=True)  # the tensors themselves: no copy
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    tmp = new_checkpoint_folder(output, "final")
+    try:
+        write_checkpoint(model, tmp)
+        for name in TOKENIZER_FILES:  # the base's tokenizer, so the folder is complete on its own
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+        for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+            os.replace(tmp / name, output / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def shard(model: torch.nn.Module, mp_policy=None) -> None:

@@ -46,7 +46,7 @@ class LoRAWeights:
         """The frozen base model with fp32 LoRA layers injected, in training mode."""
         # PyTorch's SDPA on every device: its fused backward is measured on the H100; the Triton kernels'
         # backward is tested but not yet timed there, so the Triton kernels stay the inference path.
-        model = load_model(model_path, device=self.ctx.device, dtype=self.dtype, kernels="torch")
+        model = load_model(model_path, device=self.ctx.device, dtype=self.dtype, kernels="torch", layout="plain")
         check_vocabulary(vocab_size, model.config.vocab_size)
         torch.manual_seed(self.config.seed)  # the LoRA init: identical in every process
         inject_lora(model, self.config.lora, lora_dtype=torch.float32)
@@ -81,7 +81,8 @@ class LoRAWeights:
 
     def load_reference(self, path: Path) -> torch.nn.Module:
         """An explicit reference model (`--ref-model`), frozen, in the base's dtype."""
-        return load_model(path, device=self.ctx.device, dtype=self.dtype, kernels="torch").requires_grad_(False)
+        return load_model(path, device=self.ctx.device, dtype=self.dtype, kernels="torch",
+                          layout="plain").requires_grad_(False)
 
     def save_checkpoint(self, output: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         trainer_state: dict[str, Any]) -> Path | None:

@@ -21,13 +21,13 @@ from komt.errors import ConfigError
 from komt.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from komt.train.checkpoint import list_checkpoints
 from komt.train.config import RUN_MARKER
-from komt.train.merge import COPIED_FILES
+from komt.model.checkpoint_writer import TOKENIZER_FILES
 from komt.train.progress import METRICS_FILE, read_metrics
 
 TRAIN_CONFIG = "train_config.json"
 # What a run writes at the top of --output (LoRA: the adapter; full: a checkpoint folder).
 WRITTEN = (TRAIN_CONFIG, METRICS_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "loss_curve.png", "ref_logps.pt",
-           "config.json", "model.safetensors", "model.safetensors.index.json", *COPIED_FILES)
+           "config.json", "model.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)
 _OLD_CONFIG_KEYS = {"model", "data", "output", "lora_r", "save_every"}  # train_config.json before the marker
 
 

@@ -1,10 +1,13 @@
-"""The split GEMV equals nn.Linear, keeps the model's weights and ties, and falls back where it must."""
+"""The CPU layouts (komt.model.cpu_layouts): each variant equals the layer it replaces, the state dict and
+ties are kept, fused groups equal their members, and anything a layout does not cover falls back."""
 
 import pytest
 import torch
 from torch import nn
 
-from komt.generate.cpu_decode import FusedGEMV, SplitGEMVLinear, use_split_gemv
+from komt.model.cpu_gemv import SplitGEMVLinear
+from komt.model.cpu_layouts import use_cpu_layouts
+from komt.model.linear import project
 from komt.model import Transformer, preset
 
 
@@ -41,7 +44,7 @@ def test_swap_keeps_state_dict_and_tied_weights():
     ids = torch.randint(0, 512, (1, 6))
     with torch.no_grad():
         want = model(ids)
-    assert use_split_gemv(model, threads=2) == 2 * 7 + 1
+    assert use_cpu_layouts(model, threads=2) == 2 * 7 + 1
     assert isinstance(model.lm_head, SplitGEMVLinear) and isinstance(model.lm_head, nn.Linear)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     assert model.lm_head.weight.t().is_contiguous()  # the vocabulary projection is stored transposed
@@ -55,8 +58,8 @@ def test_swap_keeps_state_dict_and_tied_weights():
 
 def test_nothing_to_do_on_one_thread_or_for_bf16():
     model = Transformer(preset("tiny-mistral-32k", vocab_size=64)).eval()
-    assert use_split_gemv(model, threads=1) == 0
-    assert use_split_gemv(model.to(torch.bfloat16), threads=2) == 0
+    assert use_cpu_layouts(model, threads=1) == 0
+    assert use_cpu_layouts(model.to(torch.bfloat16), threads=2) == 0
     assert type(model.lm_head) is nn.Linear
 
 
@@ -65,12 +68,13 @@ def test_lora_layers_are_left_alone():
 
     model = Transformer(preset("tiny-mistral-32k", vocab_size=64)).eval()
     inject_lora(model, LoRAConfig(r=4, alpha=8, targets=("q_proj",)))
-    use_split_gemv(model, threads=2)
+    use_cpu_layouts(model, threads=2)
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, LoRALinear) and type(q.lora_A) is nn.Linear and type(q.lora_B) is nn.Linear
-    assert model.model.layers[0].self_attn.fused_qkv is None  # a LoRA q_proj: q/k/v stay separate
+    assert isinstance(q.base_layer, SplitGEMVLinear)  # the LoRA layer's base gets the layout
+    assert not hasattr(model.model.layers[0].self_attn.k_proj, "shared_input_group")  # q/k/v stay separate
     assert isinstance(model.model.layers[0].self_attn.k_proj, SplitGEMVLinear)
-    assert isinstance(model.model.layers[0].mlp.fused_gate_up, FusedGEMV)
+    assert hasattr(model.model.layers[0].mlp.gate_proj, "shared_input_group")
 
 
 def test_fused_projections_equal_the_separate_ones_and_share_one_matrix():
@@ -78,14 +82,13 @@ def test_fused_projections_equal_the_separate_ones_and_share_one_matrix():
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
     weights = {n: getattr(attn, n).weight.clone() for n in ("q_proj", "k_proj", "v_proj")}
     weights |= {n: getattr(mlp, n).weight.clone() for n in ("gate_proj", "up_proj")}
-    use_split_gemv(model, threads=2)
-    assert isinstance(attn.fused_qkv, FusedGEMV) and isinstance(mlp.fused_gate_up, FusedGEMV)
+    use_cpu_layouts(model, threads=2)
     storage = attn.q_proj.weight.untyped_storage().data_ptr()
     assert all(getattr(attn, n).weight.untyped_storage().data_ptr() == storage for n in ("k_proj", "v_proj"))
     for shape in [(1, 1, 576), (576,), (2, 3, 576)]:  # one row: the fused product; more: one by one
         x = torch.randn(shape)
-        for fused, names in ((attn.fused_qkv, ("q_proj", "k_proj", "v_proj")), (mlp.fused_gate_up, ("gate_proj", "up_proj"))):
-            outs = fused(x)
+        for owner, names in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))):
+            outs = project(x, *(getattr(owner, n) for n in names))
             assert len(outs) == len(names)
             for out, name in zip(outs, names):
                 torch.testing.assert_close(out, x @ weights[name].T, atol=1e-5, rtol=1e-5)
@@ -95,30 +98,30 @@ def test_a_lora_layer_swapped_in_after_fusing_is_not_bypassed():
     from komt.model.lora import LoRAConfig, inject_lora
 
     model = _small_model()
-    use_split_gemv(model, threads=2)
+    use_cpu_layouts(model, threads=2)
     inject_lora(model, LoRAConfig(r=4, alpha=8, targets=("k_proj",)))
     attn = model.model.layers[0].self_attn
     torch.nn.init.normal_(attn.k_proj.lora_B.weight)  # a non-zero update
     x = torch.randn(1, 1, 576)
     with torch.no_grad():
-        _, k, _ = attn.fused_qkv(x)
+        _, k, _ = project(x, attn.q_proj, attn.k_proj, attn.v_proj)
         torch.testing.assert_close(k, attn.k_proj(x))
-        assert not torch.allclose(k, x @ attn.k_proj.weight.T)
+        assert not torch.allclose(k, x @ attn.k_proj.base_layer.weight.T)
 
 
 def test_a_replaced_weight_is_used_not_the_fused_copy():
     model = _small_model()
-    use_split_gemv(model, threads=2)
+    use_cpu_layouts(model, threads=2)
     mlp = model.model.layers[0].mlp
     mlp.up_proj.weight = nn.Parameter(torch.randn(1536, 576), requires_grad=False)
     x = torch.randn(1, 576)
-    torch.testing.assert_close(mlp.fused_gate_up(x)[1], x @ mlp.up_proj.weight.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(project(x, mlp.gate_proj, mlp.up_proj)[1], x @ mlp.up_proj.weight.T, atol=1e-4, rtol=1e-4)
 
 
 def test_fusing_twice_changes_nothing():
     model = _small_model()
-    assert use_split_gemv(model, threads=2) == 2 * 7 + 1
-    fused = model.model.layers[0].self_attn.fused_qkv
-    assert use_split_gemv(model, threads=2) == 2 * 7 + 1
-    assert model.model.layers[0].self_attn.fused_qkv is fused
+    assert use_cpu_layouts(model, threads=2) == 2 * 7 + 1
+    group = model.model.layers[0].self_attn.q_proj.shared_input_group
+    assert use_cpu_layouts(model, threads=2) == 2 * 7 + 1
+    assert model.model.layers[0].self_attn.q_proj.shared_input_group is group
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear

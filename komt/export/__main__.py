@@ -1,0 +1,5 @@
+import sys
+
+from komt.export.cli import main
+
+sys.exit(main())

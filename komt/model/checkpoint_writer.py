@@ -1,0 +1,103 @@
+"""Write a model as a Hugging Face checkpoint folder, whole or not at all (merge, quantize, full training).
+
+    output/config.json, model.safetensors (or model-0000k-of-0000n.safetensors + index), tokenizer files
+
+The folder is assembled under a temporary name beside `output` and renamed into place, so it is complete
+or absent, never half-written; each file inside is itself written atomically. Quantized layers are written
+in komt's canonical form (`<name>.weight` int8/uint8, `<name>.scales`, `<name>.offsets`; see
+komt.model.quant) with a `quantization_config` in config.json, and `komt.load_model` reads them back as
+stored. A head that was quantized separately from a tied embedding is stored as its own tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from komt.atomic import current_umask, write_text_atomic
+from komt.errors import CheckpointError
+from komt.model.quantized_linear import QuantizedLinear
+from komt.model.safetensors_file import write_safetensors
+
+MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
+# Files copied from the source folder when present: the new checkpoint reads text exactly as the source did.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+
+
+def write_checkpoint(model: nn.Module, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """config.json + weights of `model` into the existing `folder`, in Hugging Face's layout."""
+    config = model.config
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    tensors = [(name, t) for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")]
+    dtype = model.model.embed_tokens.weight.dtype
+    raw = replace(config, torch_dtype=str(dtype).removeprefix("torch.")).to_hf_dict()
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if quantized:
+        raw["quantization_config"] = {
+            "quant_method": "komt",
+            "bits": sorted({m.bits for m in quantized}),
+            "group_sizes": sorted({m.group_size for m in quantized}),
+            "format": "komt canonical int8/int4 (komt.model.quant); load with komt.load_model",
+        }
+    write_text_atomic(folder / "config.json", json.dumps(raw, indent=2) + "\n")
+    shards = split_into_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        write_safetensors(folder / "model.safetensors", shards[0], metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / filename, shard, metadata={"format": "pt"})
+        weight_map.update({name: filename for name, _ in shard})
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_text_atomic(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+
+
+def split_into_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of at most `max_bytes` each (a single larger tensor gets a shard of its own)."""
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += nbytes
+    return shards
+
+
+def check_new_output(output: Path, flag: str = "--output") -> None:
+    """Refuse to write over anything: the output must not exist, or be an empty folder."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise CheckpointError(f"{flag} {output} already exists and is not an empty folder; choose a new one")
+
+
+def write_folder_atomically(output: Path, fill: Callable[[Path], None], copy_from: Path | None = None) -> Path:
+    """Build a folder with `fill(tmp)` (plus the tokenizer files of `copy_from`) and rename it to `output`."""
+    check_new_output(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    try:
+        fill(tmp)
+        for name in TOKENIZER_FILES if copy_from is not None else ():
+            if (copy_from / name).is_file():
+                shutil.copyfile(copy_from / name, tmp / name)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+        if output.exists():
+            output.rmdir()  # empty (checked above)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

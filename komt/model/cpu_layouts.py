@@ -1,0 +1,105 @@
+"""The CPU layouts pass: give every linear layer of a CPU model its fastest CPU variant, by name.
+
+`komt.load_model` applies it to every model it loads onto the CPU (`layout="plain"` skips it), so the
+Python API, the CLI, the server, eval and the benches all decode the same way. Per layer:
+
+    plain fp32 nn.Linear         -> SplitGEMVLinear: one-row products as row blocks, one per core
+                                    (lm_head stored transposed first: column blocks, 31 GB/s against 22)
+    Int8Linear, per channel      -> Int8CPULinear: torch._weight_int8pack_mm on bf16 activations
+    Int8Linear, grouped (Q8_0)   -> Int8GroupedCPULinear: exactly, as two int4 halves in the int4 kernel
+    Int4Linear, O % 64 == 0      -> Int4CPULinear: torch._weight_int4pack_mm_for_cpu's packed layout
+    LoRALinear                   -> left as it is; its `base_layer` gets the variant above
+
+and projections that read the same input (q/k/v, gate/up: gpt-fast's wqkv and w13) are fused into one
+product when they are all the same plain kind: one kernel call and its dispatch instead of three.
+Anything these variants do not cover (bf16 dense weights, output sizes not a multiple of 64) keeps
+the layer it had, which is always correct. Measured figures are in the variants' modules
+(komt.model.cpu_gemv, komt.model.cpu_quantized) and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from komt.model.cpu_gemv import SplitGEMVLinear, fuse_fp32, n_blocks_for
+from komt.model.cpu_quantized import (Int4CPULinear, Int8CPULinear, Int8GroupedCPULinear, fuse_quantized,
+                                      int4_cpu_supported)
+from komt.model.linear import replace_module
+from komt.model.lora import LoRALinear
+from komt.model.quantized_linear import Int4Linear, Int8Linear
+
+# Sibling projections that read the same input, by their Hugging Face names.
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _is_fp32_cpu_linear(module: nn.Module) -> bool:
+    if type(module) not in (nn.Linear, SplitGEMVLinear) or module.bias is not None:
+        return False
+    return module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
+
+
+def _cpu_variant(module: nn.Module, threads: int) -> nn.Module | None:
+    """The CPU layout of one layer, or None where it has none (or already has it)."""
+    if type(module) is Int8Linear and module.weight.device.type == "cpu":
+        if module.group_size == module.in_features:
+            return Int8CPULinear(module)
+        if int4_cpu_supported(module):
+            return Int8GroupedCPULinear(module)
+    if type(module) is Int4Linear and module.weight.device.type == "cpu" and int4_cpu_supported(module):
+        return Int4CPULinear(module)
+    if type(module) is nn.Linear and _is_fp32_cpu_linear(module):
+        n_blocks = n_blocks_for(module.out_features, threads)
+        return SplitGEMVLinear(module, n_blocks) if n_blocks >= 2 else None
+    return None
+
+
+def _projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every projection the pass may swap: not LoRA's own small A/B matrices."""
+    found = []
+    for name, module in model.named_modules():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if name else None
+        if isinstance(parent, LoRALinear) and attr != "base_layer":
+            continue
+        found.append((name, module))
+    return found
+
+
+def use_cpu_layouts(model: nn.Module, threads: int | None = None) -> int:
+    """Apply the CPU layouts of the module docstring in place; return how many layers use one."""
+    threads = threads or torch.get_num_threads()
+    if threads >= 2:  # fp32: fuse before splitting (fused members keep their column-major views)
+        for members in _shared_input_groups(model):
+            if all(_is_fp32_cpu_linear(m) and not _grouped(m) for m in members):
+                fuse_fp32(members, threads)
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None and _is_fp32_cpu_linear(lm_head) and lm_head.weight.is_contiguous() and threads >= 2:
+        with torch.no_grad():  # (V, C) row-major -> the same (V, C) stored column-major; .data keeps ties
+            lm_head.weight.data = lm_head.weight.data.t().contiguous().t()
+    for name, module in _projections(model):
+        if not _grouped(module):
+            new = _cpu_variant(module, threads)
+            if new is not None:
+                replace_module(model, name, new)
+    for members in _shared_input_groups(model):  # quantized groups: fused once their members are swapped
+        kind = type(members[0])
+        if kind in (Int8CPULinear, Int4CPULinear) and all(type(m) is kind and not _grouped(m) for m in members):
+            fuse_quantized(members)
+    return sum(isinstance(m, (SplitGEMVLinear, Int8CPULinear, Int8GroupedCPULinear, Int4CPULinear)) or _grouped(m)
+               for m in model.modules())
+
+
+def _grouped(module: nn.Module) -> bool:
+    return "shared_input_group" in module.__dict__
+
+
+def _shared_input_groups(model: nn.Module) -> list[tuple[nn.Module, ...]]:
+    """Every (q, k, v) and (gate, up) tuple of sibling layers in the model."""
+    found = []
+    for owner in model.modules():
+        for names in SHARED_INPUTS:
+            members = tuple(owner._modules.get(n) for n in names)
+            if all(m is not None for m in members):
+                found.append(members)
+    return found
