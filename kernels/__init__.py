@@ -6,8 +6,13 @@ so `import kernels` (and `kernels.reference`) works where triton is not installe
     kernels.rms_norm(x, weight, eps)                   fused RMSNorm, forward + backward
     kernels.attention(q, k, v, *, causal, window, scale, q_pos, k_pos)
                                                        FlashAttention-2 prefill / flash-decoding (T == 1)
-    kernels.reference                                  the same math in PyTorch (+ attention_mask)
-    kernels.ops                                        both kernels as custom ops, for torch.compile
+    kernels.int8_matmul(x, weight, scales, group_size=None)
+    kernels.int4_matmul(x, weight, scales, offsets, group_size)
+                                                       dequantize-GEMV (decode) / -GEMM (prefill) on
+                                                       komt's int8 / int4 weights (QUANT_SPEC.md)
+    kernels.reference                                  the same math in PyTorch (+ attention_mask,
+                                                       dequantize_int8 / dequantize_int4)
+    kernels.ops                                        the kernels as custom ops, for torch.compile
     kernels.triton_available()                         can the kernels run on CUDA tensors here?
 
 The kernels take CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, as the tests do) and raise
@@ -20,14 +25,28 @@ import importlib.util
 
 import torch
 
-from kernels import ops  # registers the custom ops that compiled code calls (needs torch only)
+from kernels import ops  # registers the attention and RMSNorm custom ops (int8/int4: on first use); torch only
 from kernels._launch import needs_grad
-from kernels.reference import attention_mask, attention_reference, rms_norm_reference
+from kernels.reference import (
+    attention_mask,
+    attention_reference,
+    dequantize_int4,
+    dequantize_int8,
+    int4_matmul_reference,
+    int8_matmul_reference,
+    rms_norm_reference,
+)
 
 __all__ = [
     "attention",
     "attention_mask",
     "attention_reference",
+    "dequantize_int4",
+    "dequantize_int8",
+    "int4_matmul",
+    "int4_matmul_reference",
+    "int8_matmul",
+    "int8_matmul_reference",
     "rms_norm",
     "rms_norm_reference",
     "triton_available",
@@ -83,3 +102,37 @@ def attention(
     from kernels.attention_api import attention_triton
 
     return attention_triton(q, k, v, causal=causal, window=window, scale=scale, q_pos=q_pos, k_pos=k_pos)
+
+
+def int8_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int | None = None
+) -> torch.Tensor:
+    """y = x W^T for komt's int8 weight, W[o, i] = weight[o, i] * scales[o, i // g]: x [..., I] -> [..., O].
+
+    weight int8 [O, I], scales fp16 [O, I // g]; group_size None is per channel (g = I), otherwise a
+    multiple of 16 dividing I. x fp16/bf16/fp32; the result is in x's dtype, accumulated in fp32. M <= 16
+    rows (decode) run a dequantize-GEMV, more rows a dequantize-GEMM (`kernels._quant`). Differentiable in
+    x. Reference: `kernels.reference.int8_matmul_reference`.
+    """
+    if torch.compiler.is_compiling() and not needs_grad(x):
+        return ops.int8_matmul_op(x, weight, scales, group_size)  # opaque to torch.compile (see kernels.ops)
+    from kernels.dequant_matmul_int8 import int8_matmul_triton
+
+    return int8_matmul_triton(x, weight, scales, group_size)
+
+
+def int4_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """y = x W^T for komt's int4 weight, W[o, i] = q[o, i] * scales[o, i // g] + offsets[o, i // g].
+
+    weight uint8 [O, I // 2] (element 2j of a row in the low nibble of byte j, 2j + 1 in the high one),
+    scales and offsets fp16 [O, I // g], g a multiple of 32 (komt: 32, 64, 128). x fp16/bf16/fp32
+    [..., I] -> [..., O] in x's dtype, fp32 accumulation; GEMV for M <= 16 rows, GEMM beyond.
+    Differentiable in x. Reference: `kernels.reference.int4_matmul_reference`.
+    """
+    if torch.compiler.is_compiling() and not needs_grad(x):
+        return ops.int4_matmul_op(x, weight, scales, offsets, group_size)  # opaque to torch.compile
+    from kernels.dequant_matmul_int4 import int4_matmul_triton
+
+    return int4_matmul_triton(x, weight, scales, offsets, group_size)

@@ -14,7 +14,8 @@ import torch
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, read at import time)."""
+    """True when TRITON_INTERPRET is on now (read at each call; triton.jit itself reads it once, when it
+    decorates a kernel, i.e. when the kernel's module is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

@@ -3,6 +3,8 @@
 Prints one table per kernel: the shape, the Triton kernel's median time, what it achieves (GB/s for the
 memory-bound RMSNorm and decode, TFLOP/s for prefill), that as a percentage of this GPU's measured peak
 (`kernels._peaks`), and the times of the PyTorch baselines with the speedup over the best of them.
+`--kernel int8|int4` (with `--group-size`) runs the dequantize-matmuls (`kernels.bench_quant`); they are
+not part of `all`, each being a table per format and group size.
 Needs a CUDA GPU: without one it says so on stderr and exits with status 2 (the kernels' correctness
 tests run on the CPU under TRITON_INTERPRET=1: `pytest tests/test_kernels_*.py`).
 """
@@ -227,11 +229,20 @@ def plot(results: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=["rms_norm", "attention", "backward", "decode", "all"], default="all")
+    parser.add_argument("--kernel", choices=["rms_norm", "attention", "backward", "decode", "int8", "int4", "all"],
+                        default="all")
+    parser.add_argument("--group-size", type=int, metavar="G",
+                        help="int8/int4: inputs per scale (int8 default: per channel; int4 default: 32)")
     parser.add_argument("--plot", metavar="FILE.png", help="also save a speedup chart (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--tune", action="store_true", help="sweep block sizes first and print the best (slow)")
     args = parser.parse_args(argv)
+    if args.group_size is not None and args.kernel not in ("int8", "int4"):
+        parser.error("--group-size goes with --kernel int8 or int4")
+    if args.group_size is not None and (args.group_size < 1 or 2048 % args.group_size
+                                        or args.group_size % (16 if args.kernel == "int8" else 32)):
+        parser.error(f"--group-size must divide 2048 (every I of the benchmark's shapes) and be a multiple of "
+                     f"{16 if args.kernel == 'int8' else 32} for {args.kernel}, got {args.group_size}")
     if not torch.cuda.is_available():
         print("error: kernels.bench needs a CUDA GPU and PyTorch sees none; the kernels' tests run on the CPU "
               "with TRITON_INTERPRET=1: pytest tests/test_kernels_*.py", file=sys.stderr)
@@ -241,10 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     peaks = measure_peaks(torch.device("cuda"))
     print(f"# {peaks.device_name}: measured copy {peaks.copy_gbps:.0f} GB/s (read + write), "
           f"bf16 matmul {peaks.matmul_tflops:.0f} TFLOP/s; torch {torch.__version__}")
+    bits = {"int8": 8, "int4": 4}.get(args.kernel)
+    group_size = args.group_size if args.group_size is not None or bits == 8 else 32
     if args.tune:
-        from kernels._tune import tune
+        from kernels._tune import tune, tune_quant
 
-        tune()
+        if bits:
+            tune_quant(bits, group_size)
+        else:
+            tune()
     results = []
     if args.kernel in ("rms_norm", "all"):
         results += bench_rms_norm(peaks, args.quick)
@@ -255,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         results += bench_backward(peaks, args.quick)
     if args.kernel in ("decode", "all"):
         results += bench_decode(peaks, args.quick)
+    if bits:
+        from kernels.bench_quant import bench_quant
+
+        results += bench_quant(peaks, args.quick, bits, group_size)
     if args.plot:
         plot(results, args.plot)
     return 0

@@ -9,6 +9,13 @@ microseconds a call, which a decode step with two kernels per layer would feel).
 
 Forward only: compiled code that needs gradients through the kernels takes the autograd path.
 (No `from __future__ import annotations` here: `custom_op` reads the schema from the annotations.)
+
+Registration: the attention and RMSNorm ops below register when `kernels` is imported (as they always
+have). The dequantize-matmul ops (`int8_matmul_op`, `int4_matmul_op`) register on first use instead, so
+importing `kernels` adds nothing more to torch's operator table: they are module attributes made on first
+access (PEP 562 `__getattr__` at the end of this file). torch.compile resolves a module attribute by
+calling getattr while it traces, outside the graph, so the first compiled call registers them too,
+without a graph break (checked with fullgraph=True in tests/test_kernels_quant.py).
 """
 
 from typing import Optional
@@ -49,3 +56,47 @@ def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 @rms_norm_op.register_fake
 def _(x, weight, eps):
     return x.new_empty(x.shape)
+
+
+def _define_quant_ops() -> dict:
+    """Register kernels::int8_matmul and kernels::int4_matmul with torch; return them by attribute name."""
+
+    @torch.library.custom_op("kernels::int8_matmul", mutates_args=())
+    def int8_matmul_op(
+        x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: Optional[int]
+    ) -> torch.Tensor:
+        """`kernels.int8_matmul` without autograd: x [..., I], q int8 [O, I], scales [O, I // g] -> [..., O]."""
+        from kernels.dequant_matmul_int8 import int8_matmul_forward
+
+        return int8_matmul_forward(x, weight, scales, group_size)
+
+    @int8_matmul_op.register_fake
+    def _(x, weight, scales, group_size):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.custom_op("kernels::int4_matmul", mutates_args=())
+    def int4_matmul_op(
+        x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int
+    ) -> torch.Tensor:
+        """`kernels.int4_matmul` without autograd: x [..., I], packed uint8 [O, I // 2] -> [..., O]."""
+        from kernels.dequant_matmul_int4 import int4_matmul_forward
+
+        return int4_matmul_forward(x, weight, scales, offsets, group_size)
+
+    @int4_matmul_op.register_fake
+    def _(x, weight, scales, offsets, group_size):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    return {"int8_matmul_op": int8_matmul_op, "int4_matmul_op": int4_matmul_op}
+
+
+_QUANT_OPS: dict = {}  # filled on the first access to ops.int8_matmul_op or ops.int4_matmul_op
+
+
+def __getattr__(name: str):
+    """`ops.int8_matmul_op` and `ops.int4_matmul_op`, registered with torch on first access (see above)."""
+    if name in ("int8_matmul_op", "int4_matmul_op"):
+        if not _QUANT_OPS:
+            _QUANT_OPS.update(_define_quant_ops())
+        return _QUANT_OPS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

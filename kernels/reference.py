@@ -2,9 +2,11 @@
 
 These functions are the specification: the Triton kernels are tested against them, and a model's CPU
 path can call them directly. They favour clarity over speed (an explicit [B, 1, T, S] mask, K/V
-repeated per query head, softmax over a materialised score matrix), so they use O(T * S) memory.
+repeated per query head, softmax over a materialised score matrix, a dense fp32 copy of a quantized
+weight), so they use O(T * S) and O(O * I) memory.
 
-Shape key: B batch, Hq query heads, Hkv key/value heads, T query positions, S key slots, D head dim.
+Shape key: B batch, Hq query heads, Hkv key/value heads, T query positions, S key slots, D head dim;
+for the quantized linear layers O out_features, I in_features, g the group size along I.
 """
 
 from __future__ import annotations
@@ -139,3 +141,99 @@ def check_positions(q_pos: torch.Tensor, k_pos: torch.Tensor, T: int, S: int) ->
         )
     if q_pos.shape[0] != k_pos.shape[0]:
         raise ValueError(f"q_pos {tuple(q_pos.shape)} and k_pos {tuple(k_pos.shape)} disagree on B")
+
+
+# Quantized linear layers: y = x W^T with W [O, I] stored as small integers and fp16 scales per group of g
+# consecutive inputs (komt's canonical formats, QUANT_SPEC.md; GGUF Q8_0 / Q4_0 / Q4_1 map onto them exactly).
+
+
+def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """The dense fp32 weight [O, I] of komt's symmetric int8 format: W[o, i] = q[o, i] * scales[o, i // g].
+
+    weight int8 [O, I] (q in -128..127), scales fp16 [O, I // g]; group_size None means g = I (one scale
+    per output channel). Exact: an fp16 scale times an 8-bit integer fits fp32's 24-bit mantissa.
+    """
+    O, I, g = check_int8_weight(weight, scales, group_size)
+    q = weight.float().view(O, I // g, g)  # (O, I) -> (O, groups, g)
+    return (q * scales.float()[:, :, None]).view(O, I)  # (O, groups, g) -> (O, I)
+
+
+def unpack_int4(weight: torch.Tensor) -> torch.Tensor:
+    """The 4-bit values q [O, I] (uint8, 0..15) of packed bytes [O, I // 2]: element i of a row is in byte
+    i // 2, the low nibble for even i and the high nibble for odd i."""
+    if weight.dtype != torch.uint8 or weight.dim() != 2:
+        raise ValueError(f"int4 weight must be uint8 [O, I // 2], got {weight.dtype} {tuple(weight.shape)}")
+    low, high = weight & 0x0F, weight >> 4  # (O, I // 2) each: elements 2j and 2j + 1
+    return torch.stack((low, high), dim=-1).view(weight.shape[0], 2 * weight.shape[1])  # (O, I // 2, 2) -> (O, I)
+
+
+def dequantize_int4(weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The dense fp32 weight [O, I] of komt's int4 format: W[o, i] = q[o, i] * scales[o, i // g] + offsets[o, i // g].
+
+    weight uint8 [O, I // 2] (two 4-bit values per byte, see `unpack_int4`), scales and offsets fp16
+    [O, I // g]. The product is exact in fp32; the sum rounds once (as any fp32 dequantization does).
+    """
+    O, I, g = check_int4_weight(weight, scales, offsets, group_size)
+    q = unpack_int4(weight).float().view(O, I // g, g)  # (O, I) -> (O, groups, g)
+    return (q * scales.float()[:, :, None] + offsets.float()[:, :, None]).view(O, I)  # -> (O, I)
+
+
+def int8_matmul_reference(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int | None = None
+) -> torch.Tensor:
+    """x [..., I] @ dequantize_int8(weight, scales, group_size)^T in fp32 -> [..., O] in x's dtype."""
+    _, I, _ = check_int8_weight(weight, scales, group_size)
+    check_matmul_input(x, I, "int8_matmul")
+    return (x.float() @ dequantize_int8(weight, scales, group_size).T).to(x.dtype)
+
+
+def int4_matmul_reference(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x [..., I] @ dequantize_int4(weight, scales, offsets, group_size)^T in fp32 -> [..., O] in x's dtype."""
+    _, I, _ = check_int4_weight(weight, scales, offsets, group_size)
+    check_matmul_input(x, I, "int4_matmul")
+    return (x.float() @ dequantize_int4(weight, scales, offsets, group_size).T).to(x.dtype)
+
+
+def check_group_size(group_size: int, I: int, fmt: str) -> None:
+    """A group size is a positive int that divides I."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or I % group_size:
+        raise ValueError(f"{fmt}: group_size must be a positive int dividing in_features {I}, got {group_size!r}")
+
+
+def _check_scales(name: str, t: torch.Tensor, want: tuple[int, int], fmt: str, g: int) -> None:
+    if t.dtype != torch.float16 or tuple(t.shape) != want:
+        raise ValueError(
+            f"{fmt}: {name} must be float16 {list(want)} ([O, I // g], g = {g}), got {t.dtype} {list(t.shape)}"
+        )
+
+
+def check_int8_weight(weight: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> tuple[int, int, int]:
+    """Validate komt's int8 format (weight int8 [O, I], scales fp16 [O, I // g]) and return (O, I, g)."""
+    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] == 0:
+        raise ValueError(f"int8: weight must be int8 [O, I] with I > 0, got {weight.dtype} {list(weight.shape)}")
+    O, I = weight.shape
+    g = I if group_size is None else group_size
+    check_group_size(g, I, "int8")
+    _check_scales("scales", scales, (O, I // g), "int8", g)
+    return O, I, g
+
+
+def check_int4_weight(
+    weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int
+) -> tuple[int, int, int]:
+    """Validate komt's int4 format (weight uint8 [O, I // 2], scales/offsets fp16 [O, I // g]); return (O, I, g)."""
+    if weight.dtype != torch.uint8 or weight.dim() != 2 or weight.shape[1] == 0:
+        raise ValueError(f"int4: weight must be uint8 [O, I // 2] with I > 0, got {weight.dtype} {list(weight.shape)}")
+    O, I = weight.shape[0], 2 * weight.shape[1]
+    check_group_size(group_size, I, "int4")
+    _check_scales("scales", scales, (O, I // group_size), "int4", group_size)
+    _check_scales("offsets", offsets, (O, I // group_size), "int4", group_size)
+    return O, I, group_size
+
+
+def check_matmul_input(x: torch.Tensor, I: int, fmt: str) -> None:
+    """x must be a floating-point [..., I] tensor."""
+    if not x.dtype.is_floating_point or x.dim() == 0 or x.shape[-1] != I:
+        raise ValueError(f"{fmt}: want x [..., I = {I}] of a float dtype, got {x.dtype} {list(x.shape)}")

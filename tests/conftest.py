@@ -1,15 +1,21 @@
-"""Shared test helpers: fixture paths and tiny checkpoints written on the fly."""
+"""Shared test helpers: fixture paths, tiny checkpoints written on the fly, Triton's CPU interpreter."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
+TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")  # as the session found it (conftest loads first)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,6 +25,100 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# Triton's CPU interpreter, scoped to the tests that need it.
+#
+# triton.jit reads TRITON_INTERPRET when it decorates a function: triton's own library (tl.sum, tl.zeros,
+# ...) when triton is imported, komt's kernels when their module is imported. So on a machine without a
+# GPU this file imports triton once with the variable on and puts it back at once; the fixtures below
+# turn it on for their tests and re-make the kernels of the loaded kernel modules to match, both ways.
+# Outside them TRITON_INTERPRET is as the session found it: the kernels refuse CPU tensors and
+# subprocesses inherit nothing. (With a GPU, triton is imported as usual and the kernels run on CUDA.)
+
+
+def _import_triton_for_the_interpreter() -> None:
+    if torch.cuda.is_available() or "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        import triton.language  # noqa: F401
+
+
+_import_triton_for_the_interpreter()
+
+
+def pytest_collection_finish(session):
+    """Importing the test modules must leave TRITON_INTERPRET alone: they use the fixtures below instead."""
+    if os.environ.get("TRITON_INTERPRET") != TRITON_INTERPRET_AT_START:
+        raise pytest.UsageError(
+            f"a test module set TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} at import (it was "
+            f"{TRITON_INTERPRET_AT_START!r}); it would hold for every later test and subprocess: use the "
+            "triton_device or interpret_without_gpu fixture of tests/conftest.py"
+        )
+
+
+def match_kernels_to_interpreter() -> None:
+    """Re-decorate the loaded kernel modules whose kernels were made under the other TRITON_INTERPRET.
+
+    A module imported with the interpreter off holds compiled kernels that cannot take CPU tensors; one
+    imported with it on holds interpreter kernels that would run even CUDA tensors through the slow
+    interpreter. `importlib.reload` runs the module again in its own namespace, so its wrappers (and
+    whoever imported them) launch the new kernels. Only modules holding kernels are reloaded (never
+    `kernels.ops`, whose custom ops must register once).
+    """
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return
+    from kernels._launch import interpreting
+
+    want = interpreting()
+    for name in [n for n in sys.modules if n.startswith("kernels.")]:  # import order: dependencies first
+        module = sys.modules[name]
+        made = [v for v in vars(module).values() if isinstance(v, (JITFunction, InterpretedFunction))]
+        if any(isinstance(v, InterpretedFunction) != want for v in made):
+            importlib.reload(module)
+
+
+@contextlib.contextmanager
+def _kernels_interpreted():
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TRITON_INTERPRET", "1")
+            match_kernels_to_interpreter()
+            yield
+    finally:  # TRITON_INTERPRET is back as it was: so are the kernels
+        match_kernels_to_interpreter()
+
+
+@pytest.fixture
+def triton_device():
+    """Where this test runs the Triton kernels: CUDA when PyTorch sees a GPU, else the CPU under the
+    interpreter (TRITON_INTERPRET=1 for this test only)."""
+    if torch.cuda.is_available():
+        yield torch.device("cuda")
+        return
+    with _kernels_interpreted():
+        yield torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def interpret_without_gpu():
+    """For a kernel test module whose tests use CUDA tensors when there is a GPU and CPU tensors otherwise:
+    the interpreter for this module's tests, only when PyTorch sees no GPU."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with _kernels_interpreted():
+        yield
+
+
+@pytest.fixture
+def triton_interpret_at_start() -> str | None:
+    """TRITON_INTERPRET as the test session found it."""
+    return TRITON_INTERPRET_AT_START
 
 
 @pytest.fixture(scope="module")

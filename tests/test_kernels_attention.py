@@ -1,26 +1,24 @@
 """kernels.attention (Triton prefill + flash-decoding) against kernels.reference.attention_reference.
 
-Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET is set here, before the kernel
-modules are imported), with 16-slot blocks so that T and S below straddle several blocks and end ragged.
+Without a GPU the kernels run in Triton's CPU interpreter (the `interpret_without_gpu` fixture of
+tests/conftest.py turns it on for this module's tests only), with 16-slot blocks so that T and S below
+straddle several blocks and end ragged.
 Tolerances: fp32 1e-4 (fp32 IEEE dots; exp2 differs from exp by rounding); bf16 2e-2 (bf16 output
 rounding, and on the GPU p is rounded to bf16 before the P @ V product, as in FlashAttention-2).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed")
-
 import kernels  # noqa: E402
 from kernels.flash_attention import flash_attention  # noqa: E402
 from kernels.flash_decoding import flash_decoding  # noqa: E402
 from kernels.reference import attention_reference  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("interpret_without_gpu")  # the CPU interpreter, for this module only
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}

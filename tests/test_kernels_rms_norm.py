@@ -1,24 +1,21 @@
 """kernels.rms_norm (Triton) against kernels.reference.rms_norm_reference, forward and backward.
 
-Without a GPU the kernels run in Triton's CPU interpreter: TRITON_INTERPRET must be set before any
-kernel is defined, so it is set here, before the kernel modules are imported.
+Without a GPU the kernels run in Triton's CPU interpreter, for this module's tests only (the
+`interpret_without_gpu` fixture of tests/conftest.py).
 Tolerances: fp32 1e-5; bf16 and fp16 one rounding of the output (the kernel and the reference differ
 only in the order of the fp32 sum of squares).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed")
-
 import kernels  # noqa: E402
 from kernels.reference import rms_norm_reference  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("interpret_without_gpu")  # the CPU interpreter, for this module only
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FWD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
