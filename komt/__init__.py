@@ -18,7 +18,8 @@ from komt.errors import (
 
 
 def load_tokenizer(path):
-    """A sentencepiece tokenizer from a checkpoint folder or a tokenizer.model file."""
+    """The tokenizer of a checkpoint folder (tokenizer.model or tokenizer.json + its config files) or of one file
+    (tokenizer.model, tokenizer.json, or a GGUF model's vocabulary)."""
     from komt.generate.tokenizer import load_tokenizer as _load
 
     return _load(path)

@@ -11,6 +11,7 @@ model speaks Korean. The greedy and chat tests pin the CLI's output to the libra
 
 import io
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ import komt
 from conftest import FIXTURES, write_checkpoint
 from komt.generate import cli
 from komt.generate.generation import generate
-from komt.generate.prompt import format_chat, format_prompt
+from komt.generate.prompt import format_chat, format_prompt, prompt_format
 from komt.generate.tokenizer import load_tokenizer
 from komt.model import Transformer, preset
 
@@ -225,3 +226,64 @@ def test_dtype_defaults():
     assert cli.resolve_dtype("auto", torch.device("cuda")) == "bf16"
     assert cli.resolve_dtype("auto", torch.device("cpu")) is None  # the checkpoint's own
     assert cli.resolve_dtype("fp32", torch.device("cuda")) == "fp32"
+
+
+# ---- a checkpoint with a tokenizer.json and a chat template (SmolLM2's tokenizer files) -------------------
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smol_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Mistral with SmolLM2's 49152-token vocabulary, tokenizer.json and ChatML template."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-mistral-32k", vocab_size=49152)).eval()
+    folder = write_checkpoint(model, tmp_path_factory.mktemp("smol") / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(FIXTURES / "smollm2-tokenizer" / name, folder)
+    return folder
+
+
+@pytest.mark.parametrize("flag", [[], ["--prompt-format", "template"], ["--prompt-format", "card"],
+                                  ["--prompt-format", "raw"]])
+def test_prompt_format_frames_the_prompt_and_is_named(smol_checkpoint, monkeypatch, flag):
+    status, out, err = _main(["--model", str(smol_checkpoint), "--prompt", QUESTION, "--max-new-tokens", "6",
+                              "--temperature", "0", "--device", "cpu", *flag], monkeypatch=monkeypatch)
+    assert status == 0, err
+    tokenizer = load_tokenizer(smol_checkpoint)
+    fmt = prompt_format(tokenizer, flag[1] if flag else "auto")
+    ids = generate(komt.load_model(smol_checkpoint), fmt.prompt(QUESTION), max_new_tokens=6, eos_id=tokenizer.stop_ids)
+    assert out == tokenizer.decode(ids) + "\n"
+    name = flag[1] if flag else "template"
+    assert f"[prompt format: {name}" in err and (name != "template" or "chat_template.jinja" in err)
+    assert re.fullmatch(r"\[prompt \d+ tokens, \d+ new tokens, .* tok/s\]", err.strip().splitlines()[-1])
+
+
+def test_chat_with_a_template_keeps_history_in_the_template(smol_checkpoint, monkeypatch):
+    status, out, err = _main(["--model", str(smol_checkpoint), "--chat", "--max-new-tokens", "4", "--temperature", "0",
+                              "--device", "cpu"], stdin_text="hi\nWhat next?\n", monkeypatch=monkeypatch)
+    assert status == 0, err
+    model, tokenizer = komt.load_model(smol_checkpoint), load_tokenizer(smol_checkpoint)
+    fmt = prompt_format(tokenizer)
+
+    def answer(messages):
+        return tokenizer.decode(generate(model, fmt.chat(messages), max_new_tokens=4, eos_id=tokenizer.stop_ids))
+
+    first = answer([{"role": "user", "content": "hi"}])
+    assert first.strip()  # (else the CLI would drop it from the history)
+    second = answer([{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+                     {"role": "user", "content": "What next?"}])
+    assert out == f"{first}\n{second}\n" and "[prompt format: template (" in err
+
+
+def test_komts_own_checkpoint_keeps_the_card_format(checkpoint, monkeypatch):
+    status, _, err = _main(["--model", str(checkpoint), "--prompt", PROMPT, "--max-new-tokens", "2", "--device", "cpu"],
+                           monkeypatch=monkeypatch)
+    assert status == 0 and "[prompt format: card]\n" in err
+
+
+def test_template_format_without_a_template_is_one_error_line(checkpoint, monkeypatch):
+    status, out, err = _main(["--model", str(checkpoint), "--prompt", "hi", "--prompt-format", "template"],
+                             monkeypatch=monkeypatch)
+    assert status == 2 and out == "" and err.startswith("error: ") and "ships no chat template" in err
+    assert len(err.strip().splitlines()) == 1

@@ -22,6 +22,7 @@ from komt.model.lora import (
     count_parameters,
     inject_lora,
     load_adapter,
+    lora_disabled,
     lora_state_dict,
     merge_lora,
     save_adapter,
@@ -184,6 +185,46 @@ def test_dropout_acts_on_the_lora_path_in_training_only():
     assert torch.equal(layer(x), layer(x))
     layer.train()
     assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_keeps_the_expected_lora_output(p):
+    """Inverted dropout (nn.Dropout's contract): kept inputs are scaled by 1 / (1 - p), so the LoRA output
+    averaged over many masks equals the no-dropout output. Without the rescale the mean would be (1 - p)
+    times too small: at p = 0.5 half, at p = 0.05 5 %, both far outside the bound checked here."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 8, bias=False), r=4, alpha=8, dropout=p)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(1, 16)
+    base = x @ layer.base_layer.weight.T  # (1, 8)
+    layer.eval()
+    want = layer(x) - base  # the update without dropout
+    layer.train()
+    draws = 20000
+    with torch.no_grad():
+        updates = layer(x.expand(draws, 16)) - base  # (draws, 8): one mask per row
+    mean, sem = updates.mean(0), updates.std(0) / math.sqrt(draws)
+    assert ((mean - want[0]).abs() <= 5 * sem + 1e-6).all(), (mean, want)
+    assert ((mean - (1 - p) * want[0]).abs() > 5 * sem).any()  # the un-rescaled mean is excluded
+    # and exactly nn.Dropout's values: each input is 0 or x / (1 - p)
+    ones = torch.ones(4096, 16)
+    kept = layer.dropout(ones)
+    values = kept.unique()
+    assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / (1 - p), rel=1e-6)
+
+
+def test_lora_disabled_gives_the_base_layer_and_restores_the_adapter(expected):
+    input_ids, want = expected
+    model = komt.load_model(BASE, adapter=ADAPTER)
+    with lora_disabled(model):
+        assert torch.allclose(logits_of(model, input_ids), logits_of(komt.load_model(BASE), input_ids), atol=0, rtol=0)
+    assert torch.allclose(logits_of(model, input_ids), want, atol=1e-4, rtol=0)
+    merge_lora(komt.load_model(BASE, adapter=ADAPTER))  # merge_lora swaps the layers out: nothing to disable
+    layer = LoRALinear(nn.Linear(4, 4, bias=False), r=2, alpha=2)
+    layer.merge()
+    with pytest.raises(ConfigError, match="cannot disable merged LoRA layers"):
+        with lora_disabled(layer):
+            pass
 
 
 def test_bf16_base_with_fp32_lora_trains_in_fp32():

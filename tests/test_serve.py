@@ -41,9 +41,10 @@ from serving import (  # noqa: F401, F811 (checkpoint, model, tokenizer, server,
     wait_for,
 )
 
-from komt import load_model
+from komt import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 # ---- the API ----------------------------------------------------------------------------------------------
@@ -616,3 +617,40 @@ def test_chat_page_streams_answers_keeps_the_conversation_and_resets(server, cli
         assert answer3 == api([{"role": "user", "content": second}])  # a fresh conversation
     finally:
         browser.close()
+
+
+# ---- the wire format with a checkpoint that ships a chat template (SmolLM2's tokenizer files) -------------
+
+
+def test_chat_request_uses_the_checkpoints_chat_template():
+    import json as json_module
+
+    from komt.generate.prompt import prompt_format
+    from komt.serve import protocol
+
+    refs = json_module.loads((FIXTURES / "tokenizer_refs.json").read_text(encoding="utf-8"))
+    smol = load_tokenizer(FIXTURES / "smollm2-tokenizer")
+    messages = refs["conversations"]["korean"]
+    spec = protocol.parse_chat_request({"messages": messages}, smol, context=8192, model_name="smol")
+    assert spec.prompt_ids == prompt_format(smol).chat(messages) == refs["templates"]["smollm2/korean"]["ids"]["smollm2-tokenizer"]
+    developer = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}, messages[0]]
+    spec = protocol.parse_chat_request({"messages": developer}, smol, context=8192, model_name="smol")
+    assert spec.prompt_ids == prompt_format(smol).chat([{"role": "system", "content": "Be brief."}, messages[0]])
+    completion = protocol.parse_completion_request({"prompt": "Hello"}, smol, context=8192, model_name="smol")
+    assert completion.prompt_ids == smol.encode("Hello", bos=False)  # SmolLM2's config adds no BOS
+
+
+def test_chat_request_the_template_rejects_is_a_400_naming_the_template(tmp_path):
+    import shutil
+
+    from komt.serve import protocol
+
+    shutil.copy(FIXTURES / "tokenizer" / "tokenizer.model", tmp_path)
+    (tmp_path / "chat_template.jinja").write_text((FIXTURES / "chat_templates" / "chatml.jinja").read_text()
+                                                  + "{{ raise_exception('no tools here') }}")
+    tokenizer = load_tokenizer(tmp_path)
+    with pytest.raises(protocol.APIError) as err:
+        protocol.parse_chat_request({"messages": [{"role": "user", "content": "hi"}]}, tokenizer, context=4096,
+                                    model_name="m")
+    assert err.value.status == 400 and err.value.param == "messages"
+    assert "chat_template.jinja cannot render this conversation: no tools here" in str(err.value)

@@ -181,3 +181,106 @@ def test_decoder_and_stop_matcher_stop_inside_byte_fallback_korean(tok):
         if stopped:
             break
     assert stopped and "".join(out) == text[: text.index("혼자")]
+
+
+# ---- the tokenizer.json / GGUF backends: tokenizers' ByteLevel and ByteFallback decoders, replayed --------
+
+BPE_FIXTURES = Path(__file__).parent / "fixtures"
+BPE_CORPUS = json.loads((BPE_FIXTURES / "tokenizer_refs.json").read_text(encoding="utf-8"))["corpus"]
+
+
+@pytest.fixture(scope="module", params=["smollm2-tokenizer", "mistral-tokenizer-json"])
+def bpe_tok_any(request):
+    return load_tokenizer(BPE_FIXTURES / request.param)
+
+
+@pytest.fixture(scope="module", params=["smollm2-tokenizer", "mistral-tokenizer-json"])
+def bpe_tok(request):
+    return load_tokenizer(BPE_FIXTURES / request.param)
+
+
+def _bpe_random_ids(rng, tok, byte_ids, special_ids, length):
+    """Ids biased towards what breaks streaming: lone bytes, specials inside byte runs, partial characters."""
+    ids = []
+    for _ in range(length):
+        r = rng.random()
+        if r < 0.4:
+            ids.append(rng.choice(byte_ids))
+        elif r < 0.5:
+            ids.append(rng.choice(special_ids))
+        elif r < 0.7:  # a whole character, spelled byte by byte
+            char = chr(rng.choice([rng.randrange(0x80, 0x800), rng.randrange(0xAC00, 0xD7A4), rng.randrange(0x10000, 0x110000)]))
+            ids += tok.encode(char, bos=False) if rng.random() < 0.5 else [rng.choice(byte_ids) for _ in range(2)]
+        else:
+            ids.append(rng.randrange(tok.vocab_size))
+    return ids
+
+
+def test_bpe_streamed_text_equals_decode_for_random_ids(bpe_tok):
+    rng = random.Random(99)
+    pieces = [bpe_tok.id_to_piece(i) for i in range(bpe_tok.vocab_size)]
+    byte_ids = [i for i, p in enumerate(pieces) if (len(p) == 1 and bpe_tok.stream_kind == "byte_level")
+                or (p.startswith("<0x") and len(p) == 6)]
+    special_ids = [i for i in range(bpe_tok.vocab_size) if bpe_tok.is_special(i)]
+    assert len(byte_ids) >= 200 and special_ids  # SmolLM2 has 235 single-byte tokens
+    for _ in range(3000):
+        ids = _bpe_random_ids(rng, bpe_tok, byte_ids, special_ids, rng.randint(0, 16))
+        pieces, rest = stream(bpe_tok, ids)
+        assert "".join(pieces) + rest == bpe_tok.decode(ids), ids
+
+
+def test_bpe_corpus_streams_without_replacement_characters(bpe_tok):
+    for text in BPE_CORPUS:
+        ids = bpe_tok.encode(text, bos=False)
+        pieces, rest = stream(bpe_tok, ids)
+        assert "".join(pieces) + rest == bpe_tok.decode(ids)
+        assert not any("\ufffd" in p for p in pieces) and "\ufffd" not in rest
+        for k in range(1, len(ids) + 1):
+            # Out as soon as final: all of decode(ids[:k]) but an unfinished character (byte-level), or a
+            # byte run still open (ByteFallback may yet turn the whole run into U+FFFDs).
+            sofar, full = "".join(pieces[:k]), bpe_tok.decode(ids[:k]).rstrip("\ufffd")
+            if bpe_tok.stream_kind == "byte_level":
+                assert sofar == full
+            else:
+                assert full.startswith(sofar)
+
+
+def test_byte_level_holds_a_split_hangul_syllable_until_its_last_byte():
+    tok = load_tokenizer(BPE_FIXTURES / "smollm2-tokenizer")
+    ids = tok.encode("혼자", bos=False)  # SmolLM2 spells Hangul as byte tokens, bytes of a syllable split
+    pieces, rest = stream(tok, ids)
+    assert "".join(pieces) == "혼자" and rest == ""
+    assert [p for p in pieces if p] == ["혼", "자"]
+
+
+def test_byte_fallback_run_with_an_invalid_byte_becomes_replacements_like_decode():
+    tok = load_tokenizer(BPE_FIXTURES / "mistral-tokenizer-json")
+    ids = [BYTE0 + 0xED, BYTE0 + 0x98, BYTE0 + 0xBC, BYTE0 + 0xFF, 22557]  # "혼", then a byte no character has
+    pieces, rest = stream(tok, ids)
+    assert pieces == ["", "", "", "", "\ufffd" * 4 + " Hello"] == [""] * 4 + [tok.decode(ids)]
+    assert stream(tok, [22557, 1526]) == (["Hello", " world"], "")  # the first leading space is stripped
+
+
+def test_stop_string_inside_byte_level_korean():
+    tok = load_tokenizer(BPE_FIXTURES / "smollm2-tokenizer")
+    text = EXPECTED["encode_no_bos"][0]["text"]
+    decoder, matcher, out = StreamDecoder(tok), StopMatcher(["혼자"]), []
+    for token_id in tok.encode(text, bos=False):
+        emitted, stopped = matcher.push(decoder.push(token_id))
+        out.append(emitted)
+        if stopped:
+            break
+    assert stopped and "".join(out) == text[: text.index("혼자")]
+
+
+def test_token_bytes_spell_what_the_stream_decodes(tok, bpe_tok_any):
+    """Log-probabilities name tokens by `token_bytes`: joined, they decode to the streamed text (for valid
+    UTF-8; sentencepiece and byte-fallback streams also drop the first leading space)."""
+    from komt.generate.stream import token_bytes
+
+    for t in (tok, bpe_tok_any):
+        for text in ("안녕하세요, 세계!", "Hello world 🌏", " 서울 Seoul"):
+            ids = t.encode(text, bos=False)
+            joined = b"".join(token_bytes(t, i) for i in ids).decode("utf-8")
+            streamed = t.decode(ids)
+            assert joined == streamed or (t.stream_kind != "byte_level" and joined[1:] == streamed), (text, joined)

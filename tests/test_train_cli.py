@@ -115,3 +115,11 @@ def test_module_entry_point_exits_2_with_one_line():
     help_text = subprocess.run([sys.executable, "-m", "komt.train", "--help"], capture_output=True, text=True,
                                env=env, timeout=120)
     assert help_text.returncode == 0 and "--save-every" in help_text.stdout and "(default: 8)" in help_text.stdout
+
+
+def test_prompt_format_flag_reaches_the_config(capsys):
+    args = build_train_parser().parse_args(["--model", "m", "--data", "d", "--output", "o", "--prompt-format", "template"])
+    assert config_from_args(args).prompt_format == "template"
+    assert config_from_args(build_train_parser().parse_args(["--model", "m", "--data", "d", "--output", "o"])).prompt_format == "auto"
+    assert "argument --prompt-format: invalid choice: 'chatml'" in error_of(
+        ["--model", "m", "--data", "d", "--output", "o", "--prompt-format", "chatml"], capsys)

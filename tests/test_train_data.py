@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from komt.errors import DataError
-from komt.generate.prompt import IGNORE_INDEX
+from komt.generate.prompt import IGNORE_INDEX, prompt_format
+from komt.generate.tokenizer import load_tokenizer
 from komt.model import Transformer, preset
 from komt.train.batching import collate, count_targets, epoch_batches, micro_batches, split_eval
 from komt.train.data import Example, load_dataset, read_records
@@ -195,3 +196,21 @@ def test_warmup_then_cosine_to_zero():
     values = [lr_multiplier(s, 4, 20) for s in range(4, 21)]
     assert values == sorted(values, reverse=True)
     assert lr_multiplier(0, 0, 10) == 1.0  # no warm-up
+
+
+# --- records in a chat template's format (SmolLM2's ChatML) -------------------------------------------------
+
+def test_template_format_trains_on_assistant_turns_and_their_end_of_turn(tmp_path):
+    smol = load_tokenizer(Path(__file__).parent / "fixtures" / "smollm2-tokenizer")
+    fmt = prompt_format(smol)  # auto: SmolLM2 ships a chat template
+    assert fmt.name == "template"
+    records = [{"instruction": "What is the capital of France?", "output": "Paris."},
+               {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"},
+                             {"role": "user", "content": "bye"}, {"role": "assistant", "content": "Bye."}]}]
+    single, chat = load_dataset(write_jsonl(tmp_path / "d.jsonl", records), fmt, 2048).examples
+    im_end = smol.eos_id
+    assert [t for t in single.labels if t != IGNORE_INDEX] == [*smol.encode("Paris.", bos=False), im_end]
+    assert single.ids[: len(fmt.prompt("What is the capital of France?"))] == fmt.prompt("What is the capital of France?")
+    learned = [t for t in chat.labels if t != IGNORE_INDEX]
+    assert learned == [*smol.encode("Hello!", bos=False), im_end, *smol.encode("Bye.", bos=False), im_end]
+    assert smol.decode(learned) == "Hello!Bye."  # <|im_end|> is special: decoded to nothing

@@ -99,3 +99,36 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(setup, tmp_path):
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], abs=1e-5)
     assert [m["lr"] for m in got] == pytest.approx([m["lr"] for m in want], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_run_sigkilled_before_its_first_checkpoint_is_taken_over_by_a_fresh_run(setup, tmp_path):
+    """Nothing was saved, so nothing is lost: a plain rerun (no --resume) starts the run over in that folder."""
+    base, data = setup
+    short = ("--max-steps", "8", "--save-every", "100")  # the later flags win: no checkpoint before the end
+    straight = tmp_path / "straight"
+    subprocess.run(command(base, data, straight, *short), env=environment(), check=True, capture_output=True,
+                   timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(base, data, killed, *short), env=environment(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and len(metrics(killed)) < 2:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert (killed / "train_config.json").exists() and not list(killed.glob("checkpoint-*"))
+
+    again = subprocess.run(command(base, data, killed, *short), env=environment(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "stopped before its first checkpoint (nothing was saved): starting it over" in again.stderr
+    a = SafetensorsFile(straight / "adapter_model.safetensors")
+    b = SafetensorsFile(killed / "adapter_model.safetensors")
+    for key in a.keys():
+        assert torch.equal(a.tensor(key), b.tensor(key)), key
+    assert [m["step"] for m in metrics(killed)] == list(range(1, 9))
+    done = subprocess.run(command(base, data, killed, *short, "--resume"), env=environment(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "is a finished run (8 steps, final weights saved); nothing to do" in done.stderr

@@ -1,7 +1,8 @@
 """Where the answers come from: komt's generator with the model card's settings, or an existing file.
 
 Generation follows komt-mistral-7b-v1's model card: the prompt BOS + `[INST]{instruction} [/INST]`
-(`komt.generate.prompt.format_prompt`) and sampling with temperature 0.8, top_k 100, top_p 0.8, at most
+(komt.generate.prompt's `auto` format: `card` for komt's models, the chat template of checkpoints that ship
+one) and sampling with temperature 0.8, top_k 100, top_p 0.8, at most
 1024 new tokens. Question `id` is sampled with seed `seed + id`, so an interrupted and resumed run writes
 the same answers as one that ran straight through.
 
@@ -43,12 +44,12 @@ class ModelAnswerer:
     def __call__(self, question: Question) -> str:
         # Imported here: judging answers from a file (--answers) needs neither torch nor the generator.
         from komt.generate import generate
-        from komt.generate.prompt import format_prompt
+        from komt.generate.prompt import prompt_format
 
-        prompt_ids = format_prompt(self.tokenizer, question.instruction)
+        prompt_ids = prompt_format(self.tokenizer).prompt(question.instruction)
         new_ids = generate(
             self.model, prompt_ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            top_k=self.top_k, top_p=self.top_p, seed=self.seed + question.id, eos_id=self.tokenizer.eos_id,
+            top_k=self.top_k, top_p=self.top_p, seed=self.seed + question.id, eos_id=self.tokenizer.stop_ids,
         )
         return self.tokenizer.decode(new_ids)
 

@@ -84,12 +84,13 @@ def instruction_examples(tokenizer, path: str | Path) -> Iterator[tuple[list[int
 
 
 def text_examples(tokenizer, path: str | Path, max_len: int) -> Iterator[tuple[list[int], list[int]]]:
-    """Non-overlapping windows of at most `max_len` tokens of BOS + the file's text; labels = ids."""
+    """Non-overlapping windows of at most `max_len` tokens of the file's text (after BOS if the tokenizer adds
+    one: Llama/Mistral do, GPT-2-style vocabularies such as SmolLM2's do not); labels = ids."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read as UTF-8 text ({e})") from None
-    ids = tokenizer.encode(text, bos=True)
+    ids = tokenizer.encode(text)
     for start in range(0, len(ids), max_len):
         window = ids[start:start + max_len]
         yield window, list(window)

@@ -19,6 +19,9 @@ _EXPORTS = {
     "sample": "komt.generate.sampling",
     "Tokenizer": "komt.generate.tokenizer",
     "load_tokenizer": "komt.generate.tokenizer",
+    "tokenizer_from_gguf_metadata": "komt.generate.gguf_tokenizer",
+    "PromptFormat": "komt.generate.prompt",
+    "prompt_format": "komt.generate.prompt",
 }
 
 
@@ -35,4 +38,5 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["generate", "generate_batch", "stream_generate", "stream_text", "prefill", "decode_step",
-           "sample", "SamplingParams", "GenerationStats", "Tokenizer", "load_tokenizer"]
+           "sample", "SamplingParams", "GenerationStats", "Tokenizer", "load_tokenizer",
+           "tokenizer_from_gguf_metadata", "PromptFormat", "prompt_format"]

@@ -8,8 +8,10 @@ The answer streams to stdout as it is generated; one stats line goes to stderr a
 tokens, time to first token, prefill and decode tokens/s). The sampling defaults are the model card's
 (temperature 0.8, top-k 100, top-p 0.8, up to 1024 new tokens); `--temperature 0` is greedy.
 
-Prompts are framed as the model was trained: a single prompt as the model card's `[INST]{prompt} [/INST]`
-(`format_prompt`), a chat in Mistral's instruct format with the whole history (`format_chat`).
+Prompts are framed as the model was trained (`--prompt-format`, komt.generate.prompt): `auto` picks the
+checkpoint's chat template when it ships one (SmolLM2, Llama-3, ...) and komt's model-card format otherwise
+(komt's own models: a single prompt as `[INST]{prompt} [/INST]`, a chat in Mistral's instruct format with the
+whole history); `card`, `template` and `raw` force one. The format is named on stderr before the answer.
 
 Dtype: `--dtype auto` (the default) is bf16 on CUDA (the model card's) and the checkpoint's own dtype on
 the CPU (so the 7B bf16 checkpoint loads in 14.5 GB; an fp32 checkpoint stays fp32). On the CPU the
@@ -37,6 +39,7 @@ from typing import Sequence, TextIO
 import torch
 
 from komt.errors import GenerationError, KomtError
+from komt.generate.prompt import PROMPT_FORMATS
 from komt.interrupts import raise_on_interrupt
 
 DEFAULT_MODEL = "davidkim205/komt-mistral-7b-v1"
@@ -95,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on CUDA, the checkpoint's dtype on the CPU")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply")
     p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model or its folder (default: the model folder's)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.model, tokenizer.json or their folder (default: the model folder's)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                   help="card: komt's [INST] format; template: the checkpoint's chat template; raw: the text as is; "
+                        "auto (default): template if the checkpoint ships one, else card")
     p.add_argument("--quantize", choices=("int8", "int4"),
                    help="quantize the linear layers while loading: int8 per channel, int4 in groups of 32")
     p.add_argument("--group-size", type=_number(int, "--group-size", 1), metavar="G",
@@ -154,11 +161,11 @@ class LoadProgress:
 def open_checkpoint(args: argparse.Namespace):
     """(folder, tokenizer, config) of the requested model: cheap checks before any weight is read."""
     from komt.generate.tokenizer import load_tokenizer
-    from komt.model.config import ModelConfig
     from komt.model.hub import resolve_model_path
+    from komt.model.load import read_checkpoint_config
 
-    folder = Path(resolve_model_path(args.model))
-    config = ModelConfig.from_file(folder / "config.json")
+    folder = Path(resolve_model_path(args.model))  # a folder, or a GGUF file (weights, vocabulary, template)
+    config = read_checkpoint_config(folder)
     tokenizer = load_tokenizer(args.tokenizer or folder)
     return folder, tokenizer, config
 
@@ -251,13 +258,11 @@ def check_fits(n_prompt: int, max_new_tokens: int, context: int, what: str = "th
                               f"the model's context of {context}; use --max-new-tokens {context - n_prompt} or less")
 
 
-def fit_history(tokenizer, messages: list[dict], context: int, max_new_tokens: int = 0) -> list[int]:
-    """Ids of the conversation; drops the oldest exchanges (in place) until the prompt and the answer's
-    max_new_tokens fit the context."""
-    from komt.generate.prompt import format_chat
-
+def fit_history(fmt, messages: list[dict], context: int, max_new_tokens: int = 0) -> list[int]:
+    """Ids of the conversation in the prompt format `fmt`; drops the oldest exchanges (in place) until the
+    prompt and the answer's max_new_tokens fit the context."""
     while True:
-        ids = format_chat(tokenizer, messages)
+        ids = fmt.chat(messages)
         if len(ids) + max_new_tokens <= context or len(messages) <= 1:
             break
         del messages[:2]  # the oldest user message and its answer
@@ -265,9 +270,9 @@ def fit_history(tokenizer, messages: list[dict], context: int, max_new_tokens: i
     return ids
 
 
-def chat(model, tokenizer, context: int, args: argparse.Namespace,
+def chat(model, tokenizer, fmt, context: int, args: argparse.Namespace,
          stdin: TextIO | None, stdout: TextIO, stderr: TextIO, first: str | None = None) -> int:
-    """The interactive loop: `> ` prompt, history in Mistral's chat format, /reset, /exit, Ctrl-D.
+    """The interactive loop: `> ` prompt, history in the prompt format `fmt`, /reset, /exit, Ctrl-D.
 
     `first` (from --prompt) is the first message, answered before stdin is read; a closed stdin then
     ends the chat like Ctrl-D.
@@ -316,7 +321,7 @@ def chat(model, tokenizer, context: int, args: argparse.Namespace,
             continue
         messages.append({"role": "user", "content": text})
         try:
-            ids = fit_history(tokenizer, messages, context, args.max_new_tokens)
+            ids = fit_history(fmt, messages, context, args.max_new_tokens)
             answer = stream_answer(model, tokenizer, ids, args, stdout, stderr)
         except KomtError as err:
             messages.pop()
@@ -336,7 +341,7 @@ def chat(model, tokenizer, context: int, args: argparse.Namespace,
 
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """Everything after argument parsing; raises KomtError for bad input."""
-    from komt.generate.prompt import format_prompt
+    from komt.generate.prompt import prompt_format
     from komt.generate.vocab import check_tokenizer_fits
 
     want_chat = args.chat or (args.prompt is None and stdin is not None and stdin.isatty())
@@ -356,16 +361,18 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
         check_utf8(stop, "--stop")
     folder, tokenizer, config = open_checkpoint(args)
     check_tokenizer_fits(tokenizer.vocab_size, config.vocab_size, tokenizer.source, stderr)
+    fmt = prompt_format(tokenizer, args.prompt_format)
     context = config.max_position_embeddings
     ids = None
     if not want_chat:
-        ids = format_prompt(tokenizer, prompt.strip())
+        ids = fmt.prompt(prompt.strip())
         check_fits(len(ids), args.max_new_tokens, context)
     model = load_weights(args, folder, stderr)
     raise_on_interrupt()  # loaded: from here Ctrl-C stops an answer (and its stats line prints)
+    stderr.write(f"[prompt format: {fmt.label}]\n")
     if want_chat:
         first = prompt.strip() if prompt is not None and prompt.strip() else None
-        return chat(model, tokenizer, context, args, stdin, stdout, stderr, first=first)
+        return chat(model, tokenizer, fmt, context, args, stdin, stdout, stderr, first=first)
     stream_answer(model, tokenizer, ids, args, stdout, stderr)
     return 0
 

@@ -29,6 +29,15 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (id, log-probability), most likely first
 
 
+def stop_ids_of(eos_id: int | Iterable[int] | None) -> frozenset[int]:
+    """The ids that end a generation: none, one, or several (a tokenizer's `stop_ids`)."""
+    if eos_id is None:
+        return frozenset()
+    if isinstance(eos_id, (list, tuple, set, frozenset)):
+        return frozenset(int(i) for i in eos_id)
+    return frozenset([int(eos_id)])
+
+
 def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
     """A generator seeded with `seed`, or from fresh entropy when it is None."""
     generator = torch.Generator(device=device)
@@ -42,8 +51,8 @@ def make_generator(device: torch.device | str, seed: int | None) -> torch.Genera
 class DecodingState:
     """One request's decoding state (module docstring). `accept` each sampled token until `finished`.
 
-    `tokenizer` (optional) turns tokens into streamed text and enables `stop` strings; without it `accept`
-    returns "". `logprobs` None records no log-probabilities; k >= 0 records each output token's and the
+    `eos_id`: the id, or ids, that end generation (not kept). `tokenizer` (optional) turns tokens into
+    streamed text and enables `stop` strings; without it `accept` returns "". `logprobs` None records no log-probabilities; k >= 0 records each output token's and the
     k most likely at its position.
     """
 
@@ -56,7 +65,7 @@ class DecodingState:
         device: torch.device | str,
         params: SamplingParams | None = None,
         seed: int | None = None,
-        eos_id: int | None = None,
+        eos_id: int | Iterable[int] | None = None,
         tokenizer=None,
         stop: Iterable[str] = (),
         logprobs: int | None = None,
@@ -65,7 +74,7 @@ class DecodingState:
         self.max_new_tokens = max_new_tokens
         self.params = params or SamplingParams()
         self.generator = make_generator(device, seed)
-        self.eos_id = eos_id
+        self.stop_ids = stop_ids_of(eos_id)  # EOS, or each of a tokenizer's stop ids
         self.output_ids: list[int] = []
         self.finish_reason: str | None = "length" if max_new_tokens <= 0 else None  # "stop" or "length"
         self.logprobs: list[TokenLogprob] | None = None if logprobs is None else []
@@ -96,7 +105,7 @@ class DecodingState:
         """Take the sampled `token`; return the text that became final. EOS ends generation and is not kept."""
         if self.finished:
             raise GenerationError("accept() after the generation finished")
-        if token == self.eos_id:
+        if token in self.stop_ids:
             self.finish_reason = "stop"
             return self._flush()
         self.output_ids.append(token)

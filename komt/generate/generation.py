@@ -181,7 +181,7 @@ def _check_request(model, prompt_ids: Sequence[int], max_new_tokens: int) -> int
 
 
 def _states(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, tokenizer=None, stop=(),
-            logprobs: int | None = None, seed: int | None = None, eos_id: int | None = None,
+            logprobs: int | None = None, seed: int | None = None, eos_id: int | Iterable[int] | None = None,
             **sampling) -> list[DecodingState]:
     """One decoding state per prompt, all with the same settings (validated here, before any forward).
 
@@ -228,7 +228,7 @@ def _decode(model, states: list[DecodingState], stats: GenerationStats,
                 if state.finished:
                     continue
                 text = state.accept(tokens[b], logprobs[b])
-                kept = not (state.finished and state.finish_reason == "stop" and tokens[b] == state.eos_id)
+                kept = not (state.finished and state.finish_reason == "stop" and tokens[b] in state.stop_ids)
                 stats.new_tokens += kept
                 yield b, tokens[b] if kept else None, text
             if all(s.finished for s in states):
@@ -258,12 +258,14 @@ def stream_generate(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Iterable[int] | None = None,
     stats: GenerationStats | None = None,
     token_logprobs: list[float] | None = None,
     compile_mode: str | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one by one (EOS is not yielded; generation ends there).
+
+    `eos_id` is one id or several (a tokenizer's `stop_ids`: Llama-3-Instruct ends a turn with <|eot_id|>).
 
     `token_logprobs`, if given, receives the model's log-probability of each yielded token (before any
     sampling filter: what rescoring the output with a full forward gives). `compile_mode` compiles the
@@ -295,7 +297,7 @@ def generate_batch(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Iterable[int] | None = None,
     stats: GenerationStats | None = None,
     compile_mode: str | None = None,
 ) -> list[list[int]]:
@@ -326,7 +328,7 @@ def stream_text(
     **sampling,
 ) -> Iterator[str]:
     """Yield text pieces as soon as they are final, ending at EOS, a stop string (not emitted) or the limit."""
-    sampling.setdefault("eos_id", tokenizer.eos_id)
+    sampling.setdefault("eos_id", tokenizer.stop_ids)
     (state,) = _states(model, [prompt_ids], max_new_tokens, tokenizer=tokenizer, stop=stop, **sampling)
     for _, _, text in _decode(model, [state], stats if stats is not None else GenerationStats(), compile_mode):
         if text:

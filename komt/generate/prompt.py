@@ -1,30 +1,138 @@
-"""Prompt formats: the exact ids komt-mistral-7b-v1 was trained to see, for generation and for training.
+"""Prompt formats: the exact ids a checkpoint was trained to see, for generation and for training.
 
-Two formats, both pinned by tests/fixtures/tokenizer/expected.json:
+komt calls one small API: `prompt_format(tokenizer, name)` returns a PromptFormat with `.prompt(text)`,
+`.chat(messages)`, `.training_example(instruction, output)`, `.chat_training_example(messages)` and `.name`.
+The CLI, the server, the trainer and eval all go through it. Three formats:
 
-- A single prompt is what the model card's usage code feeds the model: the string
-  `[INST]{prompt} [/INST]` encoded as one piece of text (no space after `[INST]`), after BOS.
-- A conversation follows Mistral's v1 instruct format (mistral-common's `InstructTokenizerV1`): BOS, then
-  each user turn as the text `[INST] {content} [/INST]`, each assistant turn as its own encoding followed by
-  EOS. Every segment is encoded separately, so each starts with sentencepiece's dummy-prefix "▁". A system
-  message is prepended to the first user turn as `{system}\\n\\n{content}`, as mistral-common does.
+- `card`: komt-mistral-7b-v1's own, pinned by tests/fixtures/tokenizer/expected.json. A single prompt is
+  what the model card's usage code feeds the model: the string `[INST]{prompt} [/INST]` encoded as one piece
+  of text (no space after `[INST]`), after BOS. A conversation follows Mistral's v1 instruct format
+  (mistral-common's `InstructTokenizerV1`): BOS, then each user turn as the text `[INST] {content} [/INST]`,
+  each assistant turn as its own encoding followed by EOS. Every segment is encoded separately, so each
+  starts with sentencepiece's dummy-prefix "▁". A system message is prepended to the first user turn as
+  `{system}\\n\\n{content}`, as mistral-common does. `[INST]` is ordinary text ("▁[", "INST", "]") here.
+- `template`: the checkpoint's chat template (komt.generate.chat_template), rendered with the generation
+  prompt and encoded with its special tokens parsed, never with an extra BOS (transformers' rule: the
+  template writes the BOS it wants).
+- `raw`: the text as is, with BOS if the tokenizer config adds one; no conversations.
 
-Neither format has special tokens for `[INST]`: it is ordinary text ("▁[", "INST", "]") in this vocabulary.
+`auto` is `template` when the checkpoint ships a chat template, except for sentencepiece (tokenizer.model)
+checkpoints whose template is an `[INST]` one: those are komt's own models and the Mistral/Llama-2 family,
+for which `card` gives the ids komt-mistral-7b-v1 was trained on (its card) and mistral-common's chat ids.
+Without a template, `auto` is `card`, komt's behaviour before templates existed.
 
 The training forms reuse the same encodings, so a model trained on them sees at inference exactly the
 prompt ids it was trained on; labels are -100 (ignored by cross-entropy) on prompt tokens and the target ids
-plus their EOS elsewhere.
+plus their EOS (or end-of-turn token) elsewhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
-from komt.errors import DataError, GenerationError, KomtError
+from komt.errors import DataError, GenerationError, KomtError, TokenizerError
 from komt.generate.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label of a position the loss skips (torch.nn.functional.cross_entropy's default)
 ROLES = ("system", "user", "assistant")
+PROMPT_FORMATS = ("auto", "card", "template", "raw")
+
+
+class PromptFormat(Protocol):
+    """What komt asks of a prompt format (CardFormat, TemplateFormat, RawFormat)."""
+
+    name: str  # "card", "template" or "raw"
+    label: str  # for humans: the name, and for a template the file it came from
+
+    def prompt(self, text: str) -> list[int]:
+        """Ids of one prompt, ready for generation."""
+
+    def chat(self, messages: Sequence[dict]) -> list[int]:
+        """Ids of a conversation ending with the turn to answer, ready for generation."""
+
+    def training_example(self, instruction: str, output: str) -> tuple[list[int], list[int]]:
+        """(ids, labels) of one instruction and its answer; labels only on the answer and its end token."""
+
+    def chat_training_example(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+        """(ids, labels) of a conversation ending with an assistant turn; labels only on assistant turns."""
+
+
+def prompt_format(tokenizer: Tokenizer, name: str = "auto", template: str | None = None) -> PromptFormat:
+    """The prompt format `name` (one of PROMPT_FORMATS) for `tokenizer`; `template` picks a named chat template."""
+    from komt.generate.chat_template import TemplateFormat, chat_template_of
+
+    if name not in PROMPT_FORMATS:
+        raise GenerationError(f"unknown prompt format {name!r}; use one of {', '.join(PROMPT_FORMATS)}")
+    chat_template = chat_template_of(tokenizer, template) if name in ("auto", "template") else None
+    if name == "auto":
+        name = auto_format_name(tokenizer, chat_template.source if chat_template else None)
+    if name == "card":
+        return CardFormat(tokenizer)
+    if name == "raw":
+        return RawFormat(tokenizer)
+    if chat_template is None:
+        raise TokenizerError(f"{tokenizer.source}: the checkpoint ships no chat template (chat_template in "
+                             f"tokenizer_config.json or chat_template.jinja); use --prompt-format card or raw")
+    return TemplateFormat(tokenizer, chat_template)
+
+
+def auto_format_name(tokenizer: Tokenizer, template_source: str | None) -> str:
+    """`auto`'s choice (module docstring): template, unless none ships or it is a sentencepiece [INST] one."""
+    if template_source is None:
+        return "card"
+    if tokenizer.stream_kind == "sentencepiece" and "[INST]" in template_source:
+        return "card"
+    return "template"
+
+
+class CardFormat:
+    """komt's model-card format and Mistral's v1 chat format (module docstring), over the functions below."""
+
+    name = label = "card"
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def prompt(self, text: str) -> list[int]:
+        return format_prompt(self.tokenizer, text)
+
+    def chat(self, messages: Sequence[dict]) -> list[int]:
+        return format_chat(self.tokenizer, messages)
+
+    def training_example(self, instruction: str, output: str) -> tuple[list[int], list[int]]:
+        return format_training_example(self.tokenizer, instruction, output)
+
+    def chat_training_example(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+        return format_chat_training_example(self.tokenizer, messages)
+
+
+class RawFormat:
+    """The text as is: BOS per the tokenizer config, no chat markup; for base models and hand-made prompts."""
+
+    name = label = "raw"
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def prompt(self, text: str) -> list[int]:
+        if not isinstance(text, str) or not text.strip():
+            raise GenerationError(f"prompt must be non-empty text, got {text!r}")
+        return self.tokenizer.encode(text)
+
+    def chat(self, messages: Sequence[dict]) -> list[int]:
+        raise GenerationError("the raw prompt format has no conversations; use --prompt-format template or card")
+
+    def training_example(self, instruction: str, output: str) -> tuple[list[int], list[int]]:
+        """The instruction's ids, then the output's (encoded on its own) and EOS; labels on output + EOS."""
+        _check_example(instruction, output)
+        prompt = self.tokenizer.encode(instruction)
+        target = self.tokenizer.encode(output, bos=False, eos=True)
+        return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+    def chat_training_example(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+        raise DataError("the raw prompt format has no conversations; train 'messages' records with "
+                        "--prompt-format template or card")
 
 
 def format_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -37,7 +145,7 @@ def format_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
 def format_chat(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
     """Ids of a conversation in Mistral's v1 instruct format, ending with the user turn to answer."""
     system, turns = _parse_messages(messages, last_role="user", error=GenerationError)
-    ids = [tokenizer.bos_id]
+    ids = [_bos_id(tokenizer)]
     for segment, _ in _encode_turns(tokenizer, system, turns):
         ids += segment
     return ids
@@ -49,10 +157,7 @@ def format_training_example(tokenizer: Tokenizer, instruction: str, output: str)
     The output is encoded on its own (with the dummy-prefix "▁"), as mistral-common encodes an assistant
     turn; labels are IGNORE_INDEX over the prompt and equal to the ids over the output and its EOS.
     """
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise DataError(f"training example has an empty instruction: {instruction!r}")
-    if not isinstance(output, str) or not output.strip():
-        raise DataError(f"training example has an empty output: {output!r}")
+    _check_example(instruction, output)
     prompt = format_prompt(tokenizer, instruction)
     target = tokenizer.encode(output, bos=False, eos=True)
     return prompt + target, [IGNORE_INDEX] * len(prompt) + target
@@ -65,11 +170,25 @@ def format_chat_training_example(tokenizer: Tokenizer, messages: Sequence[dict])
     answer exactly the prompts it will be given.
     """
     system, turns = _parse_messages(messages, last_role="assistant", error=DataError)
-    ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
+    ids, labels = [_bos_id(tokenizer)], [IGNORE_INDEX]
     for segment, role in _encode_turns(tokenizer, system, turns):
         ids += segment
         labels += segment if role == "assistant" else [IGNORE_INDEX] * len(segment)
     return ids, labels
+
+
+def _bos_id(tokenizer: Tokenizer) -> int:
+    if tokenizer.bos_id is None:
+        raise TokenizerError(f"{tokenizer.source} has no BOS token, which the card format starts with; "
+                             f"use --prompt-format template or raw")
+    return tokenizer.bos_id
+
+
+def _check_example(instruction: str, output: str) -> None:
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise DataError(f"training example has an empty instruction: {instruction!r}")
+    if not isinstance(output, str) or not output.strip():
+        raise DataError(f"training example has an empty output: {output!r}")
 
 
 def pad_training_example(ids: list[int], labels: list[int], length: int, pad_id: int) -> tuple[list[int], list[int]]:

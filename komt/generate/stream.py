@@ -1,12 +1,13 @@
 """Streaming detokenization and stop strings: turn sampled ids into text the moment it is final.
 
-`StreamDecoder` replays sentencepiece's `Decode` one token at a time, so the concatenation of what it emits
-equals `Tokenizer.decode` of all ids, for any id sequence (tests/test_stream.py checks this against
-sentencepiece on random ids). Per token it does O(1) work: a normal piece is final as soon as it arrives;
-byte-fallback pieces (Hangul syllables missing from the vocabulary arrive as `<0xED><0x98><0xBC>`) are held
-until they form a complete UTF-8 character, so a half character never reaches the user as U+FFFD.
+`StreamDecoder` replays the tokenizer's own decoding one token at a time, so the concatenation of what it
+emits equals `tokenizer.decode` of all ids, for any id sequence (tests/test_stream.py checks this against
+sentencepiece and `tokenizers` on random ids), and no U+FFFD ever stands for a character whose bytes are
+still arriving. It picks one of three replays by the tokenizer's `stream_kind`:
 
-sentencepiece's decoding rules, as this module mirrors them (sentencepiece_processor.cc, `Decode`):
+`SentencePieceStream` (tokenizer.model) mirrors sentencepiece_processor.cc's `Decode`, doing O(1) work per
+token: a normal piece is final as soon as it arrives; byte-fallback pieces (Hangul syllables missing from
+the vocabulary arrive as `<0xED><0x98><0xBC>`) are held until they form a complete UTF-8 character.
 - control pieces (<s>, </s>) decode to nothing; <unk> decodes to " ⁇ ";
 - "▁" becomes " ", except that the leading "▁" of the first piece is dropped (the dummy prefix added at
   encode time); the first piece is the first one that yields text or consumes that "▁";
@@ -14,16 +15,30 @@ sentencepiece's decoding rules, as this module mirrors them (sentencepiece_proce
   a well-formed character (Unicode Table 3-7) becomes U+FFFD on its own and decoding resumes at the next
   byte; any non-byte piece ends the run.
 
+`ByteLevelStream` (GPT-2-style tokenizer.json / GGUF `gpt2`): every token is a few bytes (tokenizers'
+ByteLevel decoder maps each character of the piece back to a byte) and the text is their UTF-8 decoding with
+replacement; Python's incremental decoder gives exactly that, holding an unfinished character's bytes.
+
+`ByteFallbackStream` (a sentencepiece model converted to tokenizer.json): tokenizers' Replace, ByteFallback,
+Fuse, Strip. A byte run is held until it ends, because ByteFallback turns the whole run into U+FFFDs when any
+of its bytes is invalid: text emitted early could not be taken back.
+
+Special tokens (BOS, EOS, <|im_end|>) decode to nothing in every backend; in the tokenizers backends they are
+left out before decoding, so a byte run continues across them, as in `decode`.
+
 `StopMatcher` sits after the decoder: it holds back text that might be the start of a stop string and
 stops (without emitting the stop string) once one appears, even when it spans several tokens.
 """
 
 from __future__ import annotations
 
+import codecs
+import re
 from collections.abc import Iterable
 
-from komt.errors import GenerationError
-from komt.generate.tokenizer import SPACE, Tokenizer, normalize_text
+from komt.errors import GenerationError, TokenizerError
+from komt.generate.sentencepiece_tokenizer import SPACE
+from komt.generate.tokenizer import Tokenizer, normalize_text
 
 REPLACEMENT = "\ufffd"
 _TAIL = (0x80, 0xBF)
@@ -60,6 +75,29 @@ class StreamDecoder:
     Invariant: "".join(push(i) for i in ids) + flush() == tokenizer.decode(ids). Feed it only the generated
     ids (not the prompt): like `decode`, it drops the leading space of the first piece.
     """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        kind = tokenizer.stream_kind
+        if kind == "sentencepiece":
+            self._stream = SentencePieceStream(tokenizer)
+        elif kind == "byte_level":
+            self._stream = ByteLevelStream(tokenizer)
+        elif kind == "byte_fallback":
+            self._stream = ByteFallbackStream(tokenizer)
+        else:
+            raise TokenizerError(f"{tokenizer.source}: komt cannot stream a tokenizer decoded as {kind!r}")
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it made final ("" while a character's bytes are incomplete)."""
+        return self._stream.push(token_id)
+
+    def flush(self) -> str:
+        """Text still held at the end of generation (unfinished bytes as U+FFFD, as `decode` shows them)."""
+        return self._stream.flush()
+
+
+class SentencePieceStream:
+    """sentencepiece's Decode, one token at a time (module docstring)."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -120,6 +158,89 @@ class StreamDecoder:
         return "".join(out)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's `bytes_to_unicode`, inverted: character -> the byte it spells in a byte-level vocabulary.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (space, control bytes, ...) are shifted to
+    U+0100 upwards, which is why a space is "Ġ" (U+0120) in these vocabularies.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + len(chars) - len(printable))
+    return {c: b for b, c in chars.items()}
+
+
+BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+_FALLBACK_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class ByteLevelStream:
+    """tokenizers' ByteLevel decoder, one token at a time (module docstring)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        tok = self.tokenizer
+        if tok.is_special(token_id):
+            return ""
+        piece = tok.id_to_piece(token_id)
+        try:
+            data = bytes(BYTE_LEVEL_ALPHABET[c] for c in piece)
+        except KeyError:  # tokenizers' rule: a piece with a character outside the alphabet is its own UTF-8
+            data = piece.encode("utf-8")
+        return self._utf8.decode(data)
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class ByteFallbackStream:
+    """tokenizers' Replace* ByteFallback Fuse [Strip] decoder, one token at a time (module docstring)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.rules = tokenizer.decoding
+        self._run = bytearray()  # the byte pieces of the current run
+        self._strip = self.rules.strip_start  # leading strip_chars of the whole text still to remove
+
+    def push(self, token_id: int) -> str:
+        tok = self.tokenizer
+        if tok.is_special(token_id):
+            return ""
+        piece = tok.id_to_piece(token_id)
+        for old, new in self.rules.replacements:
+            piece = piece.replace(old, new)
+        byte = _FALLBACK_BYTE.fullmatch(piece)
+        if byte:
+            self._run.append(int(byte.group(1), 16))
+            return ""
+        return self._emit(self._end_run() + piece)
+
+    def flush(self) -> str:
+        return self._emit(self._end_run())
+
+    def _end_run(self) -> str:
+        run, self._run = bytes(self._run), bytearray()
+        try:
+            return run.decode("utf-8")
+        except UnicodeDecodeError:
+            return REPLACEMENT * len(run)  # ByteFallback: the whole run, one U+FFFD per byte
+
+    def _emit(self, text: str) -> str:
+        while self._strip and text:
+            if text[0] != self.rules.strip_char:
+                self._strip = 0
+                break
+            text, self._strip = text[1:], self._strip - 1
+        if text:
+            self._strip = 0
+        return text
+
+
 class StopMatcher:
     """Cut streamed text at the first stop string, which may span several pieces; the stop string itself is never emitted.
 
@@ -170,12 +291,28 @@ class StopMatcher:
 
 
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
-    """The bytes one token stands for on its own ("▁" as a space, a byte piece as its byte, a control piece as
-    nothing): what log-probabilities name a token by. Unlike `StreamDecoder`, no leading space is dropped."""
-    if tokenizer.is_byte(token_id):
-        return bytes([int(tokenizer.id_to_piece(token_id)[3:5], 16)])
-    if tokenizer.is_control(token_id):
+    """The bytes one token stands for on its own, by the rules its stream replays (module docstring): what
+    log-probabilities name a token by. Special tokens are b""; unlike a stream, no leading space is dropped.
+
+    For any ids, b"".join(token_bytes(...)) decoded as UTF-8 is what the stream emits, up to that dropped
+    space and the way each backend spells bytes that are no character (tests/test_stream.py).
+    """
+    if tokenizer.is_special(token_id):
         return b""
-    if tokenizer.is_unknown(token_id):
-        return tokenizer.unk_surface.encode("utf-8")
-    return tokenizer.id_to_piece(token_id).replace(SPACE, " ").encode("utf-8")
+    piece = tokenizer.id_to_piece(token_id)
+    kind = tokenizer.stream_kind
+    if kind == "sentencepiece":
+        if tokenizer.is_byte(token_id):
+            return bytes([int(piece[3:5], 16)])  # "<0xED>" -> 0xED
+        if tokenizer.is_unknown(token_id):
+            return tokenizer.unk_surface.encode("utf-8")
+        return piece.replace(SPACE, " ").encode("utf-8")
+    if kind == "byte_level":
+        try:
+            return bytes(BYTE_LEVEL_ALPHABET[c] for c in piece)
+        except KeyError:  # (tokenizers' rule, as in ByteLevelStream)
+            return piece.encode("utf-8")
+    for old, new in tokenizer.decoding.replacements:  # byte_fallback
+        piece = piece.replace(old, new)
+    byte = _FALLBACK_BYTE.fullmatch(piece)
+    return bytes([int(byte.group(1), 16)]) if byte else piece.encode("utf-8")

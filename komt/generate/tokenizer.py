@@ -1,25 +1,36 @@
-"""The sentencepiece tokenizer of komt-mistral-7b-v1 (Mistral 7B v0.1's `tokenizer.model`), behind a small API.
+"""komt's tokenizer interface and `load_tokenizer`: one API over three kinds of vocabulary.
 
-Text is NFC-normalized before encoding. The model's normalizer is the identity, so decomposed Hangul (what
-macOS keyboards and file names produce) would otherwise encode as 3 byte-fallback tokens per jamo instead of
-one piece per syllable, and the model would read gibberish. Decoding is sentencepiece's own, so
-`decode(encode(text))` round-trips NFC text exactly; `komt.generate.stream` reproduces it token by token.
+    tokenizer.model  -> komt.generate.sentencepiece_tokenizer  (komt's own models, Mistral, Llama-2)
+    tokenizer.json   -> komt.generate.hf_tokenizer             (byte-level BPE: GPT-2, Llama-3, SmolLM2, Qwen2;
+                                                                 sentencepiece-style BPE/Unigram with byte fallback)
+    GGUF metadata    -> komt.generate.gguf_tokenizer           (`llama` -> sentencepiece, `gpt2` -> tokenizers)
+
+Every backend NFC-normalizes text before encoding (the reason is in sentencepiece_tokenizer's docstring) and
+offers the same members, so generation, prompt formats, streaming, training and the server never ask which
+one they hold; `stream_kind` tells komt.generate.stream which decoding rules to replay.
+
+When a folder has both tokenizer.model and tokenizer.json, tokenizer.model wins: tokenizer.json is a
+conversion of it that is not exact (the converted BPE merges split "  leading spaces" differently from
+sentencepiece), and komt's own models must keep the exact ids they were trained on. tokenizer.json wins only
+when it knows tokens tokenizer.model lacks (added tokens past its vocabulary, as fine-tunes that add ChatML
+tokens ship); without a tokenizer.json such a folder is an error, since sentencepiece cannot spell them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
-
-import sentencepiece
+from typing import Protocol
 
 from komt.errors import TokenizerError
 from komt.jsonutil import require_regular_file
+from komt.generate.tokenizer_files import TokenizerSettings, read_tokenizer_settings
 
-TOKENIZER_FILE = "tokenizer.model"
-SPACE = "\u2581"  # sentencepiece's word-boundary marker "▁", decoded as " "
+SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_JSON_FILE = "tokenizer.json"
 
 
 def normalize_text(text: str) -> str:
@@ -27,92 +38,104 @@ def normalize_text(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-class Tokenizer:
-    """A loaded sentencepiece model: encode text to ids, decode ids to text, and describe single pieces.
+class Tokenizer(Protocol):
+    """What every backend offers (SentencePieceTokenizer, HFTokenizer).
 
-    The piece-level queries (`is_control`, `is_byte`, `is_unknown`, `id_to_piece`) are what the streaming
-    detokenizer needs to decode one token at a time without re-decoding the whole output.
+    Ids that a backend lacks are None (a GPT-2 vocabulary has no BOS). `add_bos` is the checkpoint's default
+    for `encode(..., bos=None)` (tokenizer_config.json's add_bos_token, else what tokenizer.json's
+    post-processor adds, else BOS for sentencepiece). `stop_ids` end a generation: EOS and
+    generation_config.json's eos ids. `special_tokens_map` (bos_token, eos_token, ... as strings) and
+    `chat_templates` (name -> Jinja source, "default" for the unnamed one) are what chat templates render with.
     """
 
-    def __init__(self, processor: sentencepiece.SentencePieceProcessor, source: str) -> None:
-        self._sp = processor
-        self.source = source
-        self.vocab_size: int = processor.vocab_size()
-        self.bos_id: int = processor.bos_id()
-        self.eos_id: int = processor.eos_id()
-        self.unk_id: int = processor.unk_id()
-        # What sentencepiece prints for <unk> (" ⁇ " unless the model overrides it); never stripped.
-        self.unk_surface: str = processor.decode([self.unk_id]) if self.unk_id >= 0 else ""
+    source: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
+    pad_id: int | None
+    add_bos: bool
+    stop_ids: tuple[int, ...]
+    special_tokens_map: dict[str, str]
+    chat_templates: dict[str, str]
+    chat_template_file: str | None
+    stream_kind: str
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Ids of NFC(`text`), with sentencepiece's dummy-prefix space, optionally framed by BOS/EOS."""
-        if not isinstance(text, str):
-            raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
-        ids = self._sp.encode(normalize_text(text))
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
+        """Ids of NFC(`text`); BOS per `bos` (None: `add_bos`), EOS if `eos`."""
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Ids of a chat template's output: special-token strings become their ids; nothing is added."""
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids` exactly as sentencepiece decodes it (BOS/EOS vanish, the first leading space is dropped)."""
-        ids = [self._check_id(i) for i in ids]
-        return self._sp.decode(ids)
+        """Text of `ids`, special tokens left out; TokenizerError for an id outside the vocabulary."""
 
     def id_to_piece(self, token_id: int) -> str:
-        """The vocabulary entry of `token_id`, e.g. "▁Hello", "<0xED>", "</s>"."""
-        return self._sp.id_to_piece(self._check_id(token_id))
+        """The vocabulary entry of `token_id`."""
 
-    def is_control(self, token_id: int) -> bool:
-        """True for BOS/EOS-like pieces, which decode to nothing."""
-        return self._sp.is_control(self._check_id(token_id))
-
-    def is_byte(self, token_id: int) -> bool:
-        """True for the 256 byte-fallback pieces <0x00>..<0xFF> that spell characters missing from the vocab."""
-        return self._sp.is_byte(self._check_id(token_id))
-
-    def is_unknown(self, token_id: int) -> bool:
-        """True for <unk>."""
-        return self._sp.is_unknown(self._check_id(token_id))
-
-    def _check_id(self, token_id: int) -> int:
-        token_id = int(token_id)
-        if not 0 <= token_id < self.vocab_size:
-            raise TokenizerError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size}) of {self.source}")
-        return token_id
-
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+    def is_special(self, token_id: int) -> bool:
+        """True for a token `decode` leaves out (BOS, EOS, <|im_end|>, ...)."""
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load `tokenizer.model` from a checkpoint folder, or the file itself; any failure is a TokenizerError."""
-    path = Path(path)
-    file = path / TOKENIZER_FILE if path.is_dir() else path
-    if not file.exists():
-        where = f"folder {path} has no {TOKENIZER_FILE}" if path.is_dir() else f"{path} does not exist"
-        raise TokenizerError(f"{where}; pass a checkpoint folder containing {TOKENIZER_FILE} or the file itself")
-    require_regular_file(file, TokenizerError)  # a FIFO would block in read_bytes
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        raise TokenizerError(f"cannot read {file}: {e.strerror or e}") from e
-    try:
-        processor = sentencepiece.SentencePieceProcessor(model_proto=data)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise TokenizerError(f"{file} is not a sentencepiece model (parse failed); re-download {TOKENIZER_FILE}") from e
-    if processor.vocab_size() == 0:  # an empty file "loads" as an uninitialised processor
-        raise TokenizerError(f"{file} is not a sentencepiece model (empty vocabulary); re-download {TOKENIZER_FILE}")
-    _check_decoder_convention(processor, file)
-    return Tokenizer(processor, str(file))
+    """The tokenizer of a checkpoint folder, or of a tokenizer.model / tokenizer.json / .gguf file.
 
+    Failures are TokenizerErrors (a .gguf file komt's GGUF reader rejects: its CheckpointError).
 
-def _check_decoder_convention(processor: sentencepiece.SentencePieceProcessor, file: Path) -> None:
-    """Refuse models whose decoder strips spaces differently from Llama/Mistral's (add_dummy_prefix only).
-
-    `komt.generate.stream` replays sentencepiece's decoding one token at a time under that convention; a
-    model with `remove_extra_whitespaces` or without a dummy prefix would stream text that differs from
-    `decode`. Probe: two "▁" pieces must decode to one space (the first one is the dummy prefix).
+    The folder's tokenizer_config.json, special_tokens_map.json, chat template files and generation_config.json
+    (a file's own folder, for a file) supply special tokens, BOS default, chat templates and stop ids; a GGUF
+    file carries all of them in its own metadata.
     """
-    space_id = processor.piece_to_id(SPACE)
-    if space_id == processor.unk_id():
-        return  # no bare "▁" piece to probe with; nothing known to be wrong
-    if processor.decode([space_id, space_id]) != " ":
-        raise TokenizerError(f"{file} uses whitespace normalization komt cannot stream (expected Llama/Mistral's dummy prefix)")
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path, read_tokenizer_settings(path))
+    if not path.is_file():
+        raise TokenizerError(f"{path} does not exist; pass a checkpoint folder containing {SENTENCEPIECE_FILE} "
+                             f"or {TOKENIZER_JSON_FILE}, or the file itself")
+    if path.suffix == ".gguf":
+        from komt.generate.gguf_tokenizer import tokenizer_from_gguf_metadata
+        from komt.model.gguf import GGUFFile
+
+        return tokenizer_from_gguf_metadata(GGUFFile(path).metadata, str(path))
+    settings = read_tokenizer_settings(path.parent)
+    if path.suffix == ".json":
+        from komt.generate.hf_tokenizer import read_tokenizer_json
+
+        return read_tokenizer_json(path, settings)
+    from komt.generate.sentencepiece_tokenizer import read_sentencepiece
+
+    return read_sentencepiece(path, settings)
+
+
+def _load_folder(folder: Path, settings: TokenizerSettings) -> Tokenizer:
+    """Pick the folder's backend (module docstring: tokenizer.model wins unless tokenizer.json knows more)."""
+    from komt.generate.hf_tokenizer import read_tokenizer_json
+    from komt.generate.sentencepiece_tokenizer import read_sentencepiece
+
+    model, tokenizer_json = folder / SENTENCEPIECE_FILE, folder / TOKENIZER_JSON_FILE
+    if not model.is_file():
+        if tokenizer_json.is_file():
+            return read_tokenizer_json(tokenizer_json, settings)
+        raise TokenizerError(f"folder {folder} has no {SENTENCEPIECE_FILE} or {TOKENIZER_JSON_FILE}; pass a "
+                             f"checkpoint folder containing one of them, or the file itself")
+    tokenizer = read_sentencepiece(model, settings)
+    added = [i for i in settings.added_token_ids if i >= tokenizer.vocab_size]
+    if tokenizer_json.is_file():
+        added += [i for i in _added_token_ids(tokenizer_json) if i >= tokenizer.vocab_size]
+        if added:
+            return read_tokenizer_json(tokenizer_json, settings)
+    elif added:
+        raise TokenizerError(f"{folder}: tokenizer_config.json adds tokens past {SENTENCEPIECE_FILE}'s vocabulary of "
+                             f"{tokenizer.vocab_size} (ids {min(added)}..{max(added)}); komt reads added tokens only "
+                             f"from {TOKENIZER_JSON_FILE}, which this folder lacks")
+    return tokenizer
+
+
+def _added_token_ids(file: Path) -> list[int]:
+    """The ids of tokenizer.json's added tokens, read without building the tokenizer."""
+    require_regular_file(file, TokenizerError)  # a FIFO would block in read_text
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"cannot read {file}: {err}; re-download it") from None
+    return [t["id"] for t in spec.get("added_tokens") or [] if isinstance(t, dict) and isinstance(t.get("id"), int)]

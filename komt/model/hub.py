@@ -22,7 +22,8 @@ from komt.errors import CheckpointError
 
 # What a model needs: never the optimizer states or the duplicate formats some repos also carry.
 _DOWNLOAD_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-                      "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+                      "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "chat_template.jinja"]
 
 
 def hub_cache_dir() -> Path:

@@ -81,6 +81,18 @@ def choose_kernels(device: torch.device, requested: str | None = None, head_dim:
 LAYOUTS = ("auto", "plain")
 
 
+def read_checkpoint_config(path: Path) -> ModelConfig:
+    """The config of a checkpoint folder (its config.json) or of a GGUF file (its metadata), no weights read."""
+    if is_gguf(path):
+        from komt.model.gguf import GGUFFile
+        from komt.model.gguf.weights import read_gguf_config
+
+        return read_gguf_config(GGUFFile(path))
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder")
+    return ModelConfig.from_file(path / "config.json")
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -112,14 +124,11 @@ def load_model(
         raise ConfigError("group_size needs quantize='int8' or 'int4'")
     device = parse_device(device)
     folder = Path(resolve_model_path(name_or_path))
+    config = read_checkpoint_config(folder)
+    backend = choose_kernels(device, kernels, config.head_dim)
     if is_gguf(folder):
         model = load_gguf_model(folder, device, parse_dtype(dtype), spec, progress)
-        backend = choose_kernels(device, kernels, model.config.head_dim)
     else:
-        if not folder.is_dir():
-            raise CheckpointError(f"{folder}: not a folder")
-        config = ModelConfig.from_file(folder / "config.json")
-        backend = choose_kernels(device, kernels, config.head_dim)
         model = load_checkpoint(folder, device=device, dtype=dtype, progress=progress, config=config, quantize=spec)
     model.source_path = folder
     fallbacks = spec.fallbacks(model) if spec is not None else []

@@ -25,6 +25,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +160,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         self.dropout = InputDropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.enabled = True  # False: the base layer alone (see `lora_disabled`)
         self.reset_lora_parameters()
         # The state dict names the base's tensors as the unwrapped layer did (`q_proj.weight`, not
         # `q_proj.base_layer.weight`), so a base checkpoint loads into a LoRA model unchanged.
@@ -171,7 +174,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return out
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their own dtype
             x = x.to(self.lora_A.weight.dtype)
@@ -266,6 +269,25 @@ def inject_lora(model: nn.Module, config: LoRAConfig, lora_dtype: torch.dtype | 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model inside the block: every LoRA update switched off (PEFT's `disable_adapter()`).
+
+    DPO scores its reference with this, so the reference costs no second copy of the weights. A merged
+    layer has its update folded into `weight` and cannot be switched off: that is a ConfigError.
+    """
+    layers = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in layers):
+        raise ConfigError("cannot disable merged LoRA layers: their update is part of the weight; unmerge first")
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -192,7 +192,7 @@ class Engine:
             state = DecodingState(prompt_ids, max_new_tokens=max_tokens, vocab_size=self.model.config.vocab_size,
                                   device=self.device, params=params,
                                   seed=None if seed is None else (seed + i) % 2**64 if seed >= 0 else seed + i,
-                                  eos_id=self.tokenizer.eos_id, tokenizer=self.tokenizer, stop=stop,
+                                  eos_id=self.tokenizer.stop_ids, tokenizer=self.tokenizer, stop=stop,
                                   logprobs=logprobs)
             leader = job.requests[0] if job.requests else None
             job.requests.append(Request(state, cache_salt=cache_salt, leader=leader, owner=(job, i)))
@@ -311,7 +311,7 @@ class Engine:
             self.metrics.time_per_token.observe(now - request.last_token_at)
         request.last_token_at = now
         text = state.accept(token, logprob)
-        kept = token != state.eos_id
+        kept = token not in state.stop_ids
         if kept:
             self.metrics.generation_tokens.inc()
         if text or (kept and state.logprobs is not None):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from komt.errors import GenerationError, KomtError
-from komt.generate.prompt import format_chat
+from komt.generate.prompt import prompt_format
 from komt.generate.sampling import PENALTY_RANGE, SamplingParams
 from komt.generate.tokenizer import Tokenizer
 
@@ -84,14 +84,14 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
 
 
 def parse_chat_request(body: dict[str, Any], tokenizer: Tokenizer, *, context: int, model_name: str) -> GenerationSpec:
-    """POST /v1/chat/completions: messages in Mistral's instruct format (komt.generate.prompt.format_chat)."""
+    """POST /v1/chat/completions: messages in the checkpoint's prompt format (komt.generate.prompt, `auto`)."""
     _check_model(body, model_name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(f"'messages' must be a non-empty list of {{role, content}} objects, got {_show(messages)}",
                        param="messages")
     try:
-        prompt_ids = format_chat(tokenizer, [_message(m, i) for i, m in enumerate(messages)])
+        prompt_ids = prompt_format(tokenizer).chat([_message(m, i) for i, m in enumerate(messages)])
     except GenerationError as err:
         raise APIError(str(err), param="messages") from None
     logprobs = None
@@ -104,7 +104,7 @@ def parse_chat_request(body: dict[str, Any], tokenizer: Tokenizer, *, context: i
 
 def parse_completion_request(body: dict[str, Any], tokenizer: Tokenizer, *, context: int,
                              model_name: str) -> GenerationSpec:
-    """POST /v1/completions: a raw prompt (text, one-element list of text, or token ids), BOS prepended to text."""
+    """POST /v1/completions: a raw prompt (text, one-element list of text, or token ids), BOS per the tokenizer."""
     _check_model(body, model_name)
     if _boolean(body, "echo", False):
         raise APIError("'echo' is not supported by this server", param="echo")
@@ -117,7 +117,7 @@ def parse_completion_request(body: dict[str, Any], tokenizer: Tokenizer, *, cont
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
-        prompt_ids = tokenizer.encode(prompt, bos=True)
+        prompt_ids = tokenizer.encode(prompt)
     elif isinstance(prompt, list) and prompt and all(_is_int(i) and 0 <= i < tokenizer.vocab_size for i in prompt):
         prompt_ids = list(prompt)
     else:
@@ -137,7 +137,7 @@ def _check_model(body: dict[str, Any], model_name: str) -> None:
 def _message(message: Any, i: int) -> Any:
     """A message with its content as one string (OpenAI also sends a list of {type: text} parts)."""
     if not isinstance(message, dict):
-        return message  # format_chat names what is wrong with it
+        return message  # the prompt format names what is wrong with it
     content = message.get("content")
     if isinstance(content, list):
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):

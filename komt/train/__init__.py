@@ -1,14 +1,19 @@
-"""LoRA fine-tuning: data, the training loop (single process or torchrun DDP), checkpoints, merging.
+"""Fine-tuning: SFT and DPO, as LoRA (DDP under torchrun) or of every weight (FSDP2), checkpoints, merging.
 
     python -m komt.train --model M --data data.jsonl --output runs/a     -> a PEFT LoRA adapter in runs/a
+    python -m komt.train dpo --model M --data prefs.jsonl --output runs/d  -> a DPO-trained adapter
+    torchrun ... -m komt.train --full ...                                   -> a checkpoint folder, FSDP2-sharded training
     python -m komt.train merge --model M --adapter runs/a --output merged  -> a full merged checkpoint
+
+`train(TrainConfig(...))` or `train(DPOConfig(...))` is the same run from Python; one loop
+(`komt.train.trainer`) serves every objective and both ways of holding the weights.
 
 The LoRA layer itself lives in `komt.model.lora` (inference loads adapters without this package).
 """
 
-from komt.train.config import TrainConfig
+from komt.train.config import DPOConfig, TrainConfig
 from komt.train.data import Example, load_dataset
 from komt.train.merge import merge_adapter
 from komt.train.trainer import train
 
-__all__ = ["TrainConfig", "train", "merge_adapter", "load_dataset", "Example"]
+__all__ = ["TrainConfig", "DPOConfig", "train", "merge_adapter", "load_dataset", "Example"]

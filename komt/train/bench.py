@@ -28,7 +28,10 @@ from komt.train.config import TrainConfig
 from komt.train.data import Example
 from komt.train.distributed import DistContext, choose_device
 from komt.train.schedule import cosine_with_warmup
-from komt.train.trainer import enable_activation_checkpointing, resolve_dtype, train_step
+from komt.train.lora_weights import LoRAWeights
+from komt.train.model_prep import enable_activation_checkpointing, resolve_dtype
+from komt.train.sft import SFTObjective
+from komt.train.trainer import train_step
 
 
 def peak_memory_reset(device: torch.device) -> None:
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = cosine_with_warmup(optimizer, 0, args.warmup + args.steps)
     ctx = DistContext(0, 1, device)
+    weights, objective = LoRAWeights(config, ctx, None), SFTObjective([], [], pad_id=0)
+    forward = weights.forward_fn(model)
     V, T, B = model.config.vocab_size, args.seq_len, args.batch_size
 
     times, peaks = [], []
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = [Example(row, row, "random") for row in ids]
         peak_memory_reset(device)
         t0 = time.perf_counter()
-        train_step(model, params, batch, optimizer, scheduler, config, ctx, pad_id=0)  # .item() syncs
+        train_step(model, forward, objective, weights, batch, optimizer, scheduler, config, ctx)  # syncs
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             peaks.append(peak_memory_bytes(device))

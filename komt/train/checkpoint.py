@@ -51,23 +51,49 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 def save_checkpoint(output: Path, step: int, model: torch.nn.Module, lora_config: LoRAConfig,
                     base_model: str, trainer_state: dict[str, Any]) -> Path:
     """Write `output/checkpoint-<step>` atomically (temp folder + rename) and return its path."""
-    final = output / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=output, prefix=f".checkpoint-{step}.", suffix=".tmp"))
+    tmp = new_checkpoint_folder(output, step)
     try:
         save_adapter(model, tmp, lora_config, base_model)
-        with open(tmp / TRAINER_STATE, "wb") as f:
-            torch.save(trainer_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
-        if final.exists():  # left by a run that got past this step before it was killed
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(output)
+        return publish_checkpoint(tmp, output, step, trainer_state)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def new_checkpoint_folder(output: Path, step: int | str) -> Path:
+    """A fresh hidden temp folder in `output` to build checkpoint-<step> in."""
+    return Path(tempfile.mkdtemp(dir=output, prefix=f".checkpoint-{step}.", suffix=".tmp"))
+
+
+def publish_checkpoint(tmp: Path, output: Path, step: int, trainer_state: dict[str, Any]) -> Path:
+    """Add trainer_state.pt to the finished temp folder and rename it to checkpoint-<step> (the commit point)."""
+    final = output / f"checkpoint-{step}"
+    with open(tmp / TRAINER_STATE, "wb") as f:
+        torch.save(trainer_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+    if final.exists():  # left by a run that got past this step before it was killed
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(output)
     return final
+
+
+def prune_checkpoints(output: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (0 keeps all); returns the deleted folders.
+
+    Each is first renamed to a hidden temp name, so a kill mid-delete leaves a folder that
+    `remove_partial_checkpoints` clears, never a half-deleted `checkpoint-N` that looks resumable.
+    """
+    if keep <= 0:
+        return []
+    doomed = [path for _, path in list_checkpoints(output)[:-keep]]
+    for path in doomed:
+        trash = output / f".{path.name}.deleting.tmp"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
 
 
 def remove_partial_checkpoints(output: Path) -> None:

@@ -1,4 +1,6 @@
-"""`python -m komt.train`: train a LoRA adapter, or `python -m komt.train merge` to fold one into its base.
+"""`python -m komt.train`: fine-tune (SFT), `... dpo` to preference-tune, `... merge` to fold an adapter in.
+
+Both training commands train a LoRA adapter, or every weight with `--full` (FSDP2 under torchrun).
 
 Each flag maps onto one `TrainConfig` field; values are checked as they are parsed, so a bad one is a
 one-line `error: ...` and exit status 2 before anything is loaded.
@@ -11,18 +13,33 @@ import sys
 
 from komt.errors import KomtError
 from komt.model.lora import DEFAULT_TARGETS
-from komt.train.config import DTYPE_CHOICES, TrainConfig
+from komt.generate.prompt import PROMPT_FORMATS
+from komt.train.config import DPO_LOSSES, DTYPE_CHOICES, DPOConfig, TrainConfig
 
 EPILOG = """\
 examples:
   python -m komt.train --model davidkim205/komt-mistral-7b-v1 --data data.jsonl --output runs/a --epochs 1
   torchrun --nproc-per-node 4 -m komt.train --model M --data data.jsonl --output runs/a --max-steps 1000
   python -m komt.train --model M --data data.jsonl --output runs/a --max-steps 1000 --resume
+  torchrun --nproc-per-node 8 -m komt.train --full --model M --data data.jsonl --output runs/f
+  python -m komt.train dpo --model M --data prefs.jsonl --output runs/d
   python -m komt.train merge --model M --adapter runs/a --output merged/
 
 data: a JSON list or JSON lines of {"instruction", "output"[, "input"]} or {"messages": [{"role", "content"}]}.
-output: adapter_config.json + adapter_model.safetensors (a PEFT LoRA adapter), metrics.jsonl,
-checkpoint-<step>/ every --save-every steps, loss_curve.png (with matplotlib)."""
+output: adapter_config.json + adapter_model.safetensors (a PEFT LoRA adapter; with --full: config.json +
+model.safetensors, a checkpoint folder), metrics.jsonl, checkpoint-<step>/ every --save-every steps (the
+newest --save-total-limit kept), loss_curve.png (with matplotlib). --resume of a finished run exits 0."""
+
+DPO_EPILOG = """\
+examples:
+  python -m komt.train dpo --model davidkim205/komt-mistral-7b-v1 --data prefs.jsonl --output runs/d
+  torchrun --nproc-per-node 8 -m komt.train dpo --full --model M --data prefs.jsonl --output runs/df
+
+data: JSON (a list) or JSON lines of {"prompt", "chosen", "rejected"}: strings, or message lists
+({"role", "content"}; chosen/rejected: the assistant's reply, optionally after the prompt's messages, as
+in UltraFeedback). The defaults are komt-mistral-7b-v1-dpo's recipe.
+metrics.jsonl logs trl's names: loss, rewards/chosen, rewards/rejected, rewards/accuracies,
+rewards/margins, logps/chosen, logps/rejected."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,12 +91,46 @@ def _number(low: float, high: float = float("inf"), low_open: bool = True, high_
 
 def build_train_parser() -> argparse.ArgumentParser:
     d = TrainConfig(model="", data="", output="")  # the defaults, shown in --help
-    p = _Parser(prog="python -m komt.train", description="Fine-tune a Mistral/Llama model with LoRA.",
+    p = _Parser(prog="python -m komt.train", description="Fine-tune a Mistral/Llama model with LoRA (or --full).",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="base checkpoint folder or Hugging Face hub id")
     p.add_argument("--data", required=True, help="training data: .json (a list) or .jsonl")
+    _add_common_flags(p, d)
+    p.add_argument("--max-seq-len", type=_positive_int, default=d.max_seq_len,
+                   help=f"truncate examples to this many tokens (default: {d.max_seq_len})")
+    return p
+
+
+def build_dpo_parser() -> argparse.ArgumentParser:
+    d = DPOConfig(model="", data="", output="")
+    p = _Parser(prog="python -m komt.train dpo", epilog=DPO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Preference-tune a Mistral/Llama model with DPO (LoRA, or --full).")
+    p.add_argument("--model", required=True, help="the model to tune (and, by default, its own reference)")
+    p.add_argument("--data", required=True, help="preference pairs: .json (a list) or .jsonl")
+    _add_common_flags(p, d)
+    p.add_argument("--beta", type=_number(0), default=d.beta,
+                   help=f"KL strength; rewards are beta * log(policy / reference) (default: {d.beta:g})")
+    p.add_argument("--loss-type", choices=DPO_LOSSES, default=d.loss_type,
+                   help="sigmoid = DPO, ipo = IPO on per-token log-ratios (default: sigmoid)")
+    p.add_argument("--label-smoothing", type=_number(0, 0.5, low_open=False), default=d.label_smoothing,
+                   help="conservative DPO: the probability a preference label is wrong (default: 0)")
+    p.add_argument("--max-prompt-length", type=_positive_int, default=d.max_prompt_length,
+                   help=f"tokens an over-long pair's prompt keeps, from its end (default: {d.max_prompt_length})")
+    p.add_argument("--max-length", type=_positive_int, default=d.max_length,
+                   help=f"tokens of prompt + response at most (default: {d.max_length})")
+    p.add_argument("--ref-model", help="reference checkpoint (default: the model itself: LoRA switched off, "
+                                       "or with --full the weights before training)")
+    return p
+
+
+def _add_common_flags(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The flags SFT and DPO share; `d` holds the defaults of the command (its recipe)."""
     p.add_argument("--output", required=True, help="folder for the adapter, checkpoints and metrics")
-    p.add_argument("--tokenizer", help="tokenizer.model file or folder (default: the model folder's)")
+    p.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json file or folder (default: the model folder's)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=d.prompt_format,
+                   help="how examples are framed: card (komt's [INST] format), template (the checkpoint's chat "
+                        "template; labels on assistant turns), raw; auto (default): template if the checkpoint "
+                        "ships one, else card")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=_positive_int, help="optimizer steps to run")
     length.add_argument("--epochs", type=_number(0), help="passes over the data (default: 1)")
@@ -100,14 +151,15 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help=f"LoRA alpha; the update is scaled by alpha / r (default: {d.lora_alpha:g})")
     p.add_argument("--lora-dropout", type=_number(0, 1, low_open=False), default=d.lora_dropout,
                    help=f"dropout on the LoRA path (default: {d.lora_dropout:g})")
-    p.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME",
-                   help=f"linear layers to adapt, by name suffix (default: {' '.join(DEFAULT_TARGETS)})")
-    p.add_argument("--max-seq-len", type=_positive_int, default=d.max_seq_len,
-                   help=f"truncate examples to this many tokens (default: {d.max_seq_len})")
+    p.add_argument("--lora-targets", nargs="+", default=list(d.lora_targets), metavar="NAME",
+                   help=f"linear layers to adapt, by name suffix (default: {' '.join(d.lora_targets)})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed for LoRA init, data order, dropout (default: {d.seed})")
     p.add_argument("--save-every", type=_positive_int, default=d.save_every,
                    help=f"write a resumable checkpoint every K steps (default: {d.save_every})")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--save-total-limit", type=_non_negative_int, default=d.save_total_limit, metavar="N",
+                   help=f"keep the newest N checkpoints, 0 = all (default: {d.save_total_limit})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --output (a finished run: nothing to do, exit 0)")
     p.add_argument("--eval-split", type=_number(0, 1, low_open=False), default=d.eval_split,
                    help="fraction of the examples held out to report an eval loss (default: 0, none)")
     p.add_argument("--eval-every", type=_positive_int,
@@ -116,8 +168,10 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="recompute activations in backward: less memory, ~30%% more compute")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype,
-                   help="base weights: auto = bf16 with bf16 autocast on CUDA, fp32 on the CPU (default: auto)")
-    return p
+                   help="base weights: auto = bf16 with bf16 autocast on CUDA, fp32 on the CPU; with --full the "
+                        "compute and saved dtype over fp32 master weights (default: auto)")
+    p.add_argument("--full", action="store_true",
+                   help="train every weight instead of a LoRA adapter; under torchrun sharded with FSDP2")
 
 
 def build_merge_parser() -> argparse.ArgumentParser:
@@ -133,15 +187,22 @@ def build_merge_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
+    common = dict(
         model=args.model, data=args.data, output=args.output, tokenizer=args.tokenizer,
+        prompt_format=args.prompt_format,
         max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, lora_targets=tuple(args.lora_targets), max_seq_len=args.max_seq_len,
-        seed=args.seed, save_every=args.save_every, eval_split=args.eval_split, eval_every=args.eval_every,
-        grad_checkpointing=args.grad_checkpointing, resume=args.resume, device=args.device, dtype=args.dtype,
+        lora_dropout=args.lora_dropout, lora_targets=tuple(args.lora_targets), seed=args.seed,
+        save_every=args.save_every, save_total_limit=args.save_total_limit, eval_split=args.eval_split,
+        eval_every=args.eval_every, grad_checkpointing=args.grad_checkpointing, resume=args.resume,
+        device=args.device, dtype=args.dtype, full=args.full,
     )
+    if hasattr(args, "beta"):
+        return DPOConfig(**common, beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+                         max_prompt_length=args.max_prompt_length, max_length=args.max_length,
+                         ref_model=args.ref_model)
+    return TrainConfig(**common, max_seq_len=args.max_seq_len)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from komt.train.trainer import train
 
-            train(config_from_args(build_train_parser().parse_args(argv)))
+            parser = build_dpo_parser() if argv[:1] == ["dpo"] else build_train_parser()
+            train(config_from_args(parser.parse_args(argv[1:] if argv[:1] == ["dpo"] else argv)))
     except (KomtError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,13 +1,15 @@
-"""Training data: a JSON or JSONL file of records -> (ids, labels) examples in the Mistral prompt format.
+"""Training data: a JSON or JSONL file of records -> (ids, labels) examples in the model's prompt format.
 
 Two record shapes, mixed freely in one file:
 
     {"instruction": "...", "output": "...", "input": "..."}   input optional, appended Alpaca-style
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
 
-An instruction record becomes BOS + `[INST]{instruction} [/INST]` + output + EOS
-(`komt.generate.prompt.format_training_example`), a conversation Mistral's v1 chat format with labels on
-every assistant turn. Labels are -100 on the prompt and include the EOS, so the model learns to stop.
+Records are encoded by a prompt format (komt.generate.prompt; given a tokenizer, its `auto` format). In the
+`card` format (komt's own models) an instruction record becomes BOS + `[INST]{instruction} [/INST]` +
+output + EOS, a conversation Mistral's v1 chat format with labels on every assistant turn; in the
+`template` format both go through the checkpoint's chat template, labels on the assistant turns and their
+end-of-turn token. Labels are -100 on the prompt and include the EOS, so the model learns to stop.
 Examples are truncated to `max_seq_len` tokens; one whose target falls entirely past the cut teaches
 nothing and is dropped (and counted). Any malformed record is a `DataError` naming the file and line.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from komt.errors import DataError
-from komt.generate.prompt import IGNORE_INDEX, format_chat_training_example, format_training_example
+from komt.generate.prompt import IGNORE_INDEX, PromptFormat, prompt_format
 from komt.generate.tokenizer import Tokenizer
 
 
@@ -110,12 +112,13 @@ def instruction_text(record: dict) -> str:
     return f"{record['instruction']}\n\n{extra}" if extra and extra.strip() else record["instruction"]
 
 
-def encode_record(record: Any, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one record of either shape (see module docstring)."""
+def encode_record(record: Any, fmt: PromptFormat | Tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one record of either shape (see module docstring), in `fmt` (or a tokenizer's auto format)."""
+    fmt = as_prompt_format(fmt)
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        return format_chat_training_example(tokenizer, record["messages"])
+        return fmt.chat_training_example(record["messages"])
     missing = [key for key in ("instruction", "output") if key not in record]
     if missing:
         raise DataError(f"record needs 'instruction' and 'output' (or 'messages'); missing {missing}, "
@@ -123,19 +126,25 @@ def encode_record(record: Any, tokenizer: Tokenizer) -> tuple[list[int], list[in
     for key in ("instruction", "output"):
         if not isinstance(record[key], str):
             raise DataError(f"field {key!r} must be a string, got {type(record[key]).__name__}")
-    return format_training_example(tokenizer, instruction_text(record), record["output"])
+    return fmt.training_example(instruction_text(record), record["output"])
 
 
-def load_dataset(path: str | Path, tokenizer: Tokenizer, max_seq_len: int) -> Dataset:
-    """Every record of `path`, tokenized and truncated to `max_seq_len`; DataError on the first bad one."""
+def as_prompt_format(fmt: PromptFormat | Tokenizer) -> PromptFormat:
+    """`fmt` itself, or the `auto` prompt format of a tokenizer."""
+    return fmt if hasattr(fmt, "chat_training_example") else prompt_format(fmt)
+
+
+def load_dataset(path: str | Path, fmt: PromptFormat | Tokenizer, max_seq_len: int) -> Dataset:
+    """Every record of `path`, tokenized in `fmt` and truncated to `max_seq_len`; DataError on the first bad one."""
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    fmt = as_prompt_format(fmt)
     examples, dropped = [], 0
     records = read_records(path)
     for line_no, record in records:
         where = f"{path}:{line_no}"
         try:
-            ids, labels = encode_record(record, tokenizer)
+            ids, labels = encode_record(record, fmt)
         except DataError as err:
             raise DataError(f"{where}: {err}") from None
         example = Example(ids[:max_seq_len], labels[:max_seq_len], where)

@@ -20,6 +20,12 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
+def say(log: TextIO | None, text: str) -> None:
+    """One `komt.train: ...` line on the run's log (rank 0's stderr; None elsewhere)."""
+    if log is not None:
+        print(f"komt.train: {text}", file=log, flush=True)
+
+
 class ProgressBar:
     """`step 12/100 [###-------] loss 1.234 lr 2.0e-04 1,234 tok/s eta 0:01:10` on one stderr line.
 
