@@ -26,7 +26,7 @@ def model(request):
 def _requests(model, prompts, max_new):
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     return [Request(DecodingState(torch.randint(3, V, (n,), generator=g).tolist(), max_new_tokens=max_new,
                                   vocab_size=V, device=device)) for n in prompts]
 
@@ -36,7 +36,7 @@ def _drive(model, requests, arrivals, *, n_blocks=64, budget=7, compile_mode=Non
     runner; check each sampled position's logits against a full forward. Returns (packed, rows) step counts."""
     blocks = BlockManager(n_blocks, BS, model.config.sliding_window)
     sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=budget)
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     runner = Runner(model, PagedKVCache(model.config, n_blocks, BS, device, torch.float32),
                     max_model_len=model.config.max_position_embeddings, compile_mode=compile_mode)
     layouts = {"packed": 0, "rows": 0}
@@ -68,6 +68,14 @@ def test_packed_and_row_steps_equal_a_full_forward(model):
     reqs = _requests(model, [23, 3, 13, 5], max_new=12)
     layouts = _drive(model, reqs, arrivals=[0, 0, 2, 6])
     assert layouts["packed"] > 0 and layouts["rows"] > 0
+
+
+def test_prompt_chunks_that_sample_nothing_run_on_quantized_layers():
+    """A prompt's middle chunk scores no position: the int8 head (no 0-row product) must not run."""
+    model = komt.load_model(FIXTURES / "tiny-llama", quantize="int8")
+    reqs = _requests(model, [30, 3], max_new=4)
+    layouts = _drive(model, reqs, arrivals=[0, 0], budget=8)
+    assert layouts["packed"] > 1
 
 
 def test_a_prefix_hit_keeps_the_logits_exact(model):

@@ -147,5 +147,7 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         elif logits_at is not None:
             x = x[:, logits_at]  # (B, T, C) -> (B, n, C)
+            if x.shape[1] == 0:  # nothing to score (a prompt's middle chunk): no head to run
+                return x.new_zeros(B, 0, self.config.vocab_size, dtype=torch.float32)
         x = self.model.norm(x)
         return self.lm_head(x).float()
