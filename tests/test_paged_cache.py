@@ -70,10 +70,13 @@ def test_packed_and_row_steps_equal_a_full_forward(model):
     assert layouts["packed"] > 0 and layouts["rows"] > 0
 
 
-def test_prompt_chunks_that_sample_nothing_run_on_quantized_layers():
-    """A prompt's middle chunk scores no position: the int8 head (no 0-row product) must not run."""
-    model = komt.load_model(FIXTURES / "tiny-llama", quantize="int8")
-    reqs = _requests(model, [30, 3], max_new=4)
+def test_prompt_chunks_that_sample_nothing_run_on_the_real_quantized_smollm2():
+    """A prompt's middle chunk scores no position: SmolLM2's int4 head (exact top logits, no 0-row case)
+    must not run on it. Also the whole paged path on a real Q4_1 model with a tied, quantized head."""
+    from conftest import smollm2_gguf
+
+    model = komt.load_model(smollm2_gguf())
+    reqs = _requests(model, [30, 3], max_new=3)
     layouts = _drive(model, reqs, arrivals=[0, 0], budget=8)
     assert layouts["packed"] > 1
 
