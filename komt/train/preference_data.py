@@ -113,8 +113,10 @@ def response_text(record: dict, field: str) -> str:
     return value
 
 
-def encode_pair(record: Any, fmt: PromptFormat) -> tuple[list[int], list[int], list[int]]:
-    """(prompt, chosen, rejected) ids of one record, before truncation; DataError if it is malformed."""
+def encode_pair(record: Any, fmt: PromptFormat | Tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) ids of one record, before truncation; DataError if it is malformed.
+    `fmt`: a prompt format, or a tokenizer (its `auto` format)."""
+    fmt = as_prompt_format(fmt)
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
     missing = [key for key in FIELDS if key not in record]
