@@ -19,7 +19,7 @@ import torch
 import komt
 from conftest import write_checkpoint
 from komt.generate import cli, generate
-from komt.generate.prompt import format_chat, format_prompt
+from komt.generate.prompt import format_chat, prompt_format, format_prompt
 from komt.generate.tokenizer import load_tokenizer
 from komt.model import Transformer, preset
 
@@ -145,12 +145,13 @@ def test_chat_history_is_dropped_to_make_room_for_max_new_tokens(tok):
     full = len(format_chat(tok, messages))
     last = len(format_chat(tok, messages[2:]))
     kept = list(messages)
-    assert cli.fit_history(tok, kept, context=full + 10, max_new_tokens=10) == format_chat(tok, messages)
+    fmt = prompt_format(tok, "card")  # komt's own: the Mistral chat format of format_chat
+    assert cli.fit_history(fmt, kept, context=full + 10, max_new_tokens=10) == format_chat(tok, messages)
     assert len(kept) == 3
-    cli.fit_history(tok, kept, context=full + 10, max_new_tokens=11)  # one token short: the oldest pair goes
+    cli.fit_history(fmt, kept, context=full + 10, max_new_tokens=11)  # one token short: the oldest pair goes
     assert kept == messages[2:]
     with pytest.raises(komt.GenerationError, match=f"the message is {last} tokens and --max-new-tokens 20: together"):
-        cli.fit_history(tok, kept, context=last + 10, max_new_tokens=20)
+        cli.fit_history(fmt, kept, context=last + 10, max_new_tokens=20)
 
 
 def test_help_states_the_context_rule(capsys):

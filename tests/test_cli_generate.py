@@ -90,7 +90,7 @@ def test_korean_prompt_in_korean_text_out(checkpoint):
     assert "\ufffd" not in result.stdout
     stats = result.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"\[prompt \d+ tokens, 12 new tokens, first token [\d.]+ s, prefill [\d.]+ tok/s, "
-                        r"decode [\d.]+ tok/s\]", stats), stats
+                        r"decode [\d.]+ tok/s, prompt format card\]", stats), stats
     again = _run(["--model", str(checkpoint), "--prompt", PROMPT, "--max-new-tokens", "12", "--seed", "0",
                   "--device", "cpu"])
     assert again.stdout == result.stdout  # same seed, same text
@@ -255,7 +255,7 @@ def test_prompt_format_frames_the_prompt_and_is_named(smol_checkpoint, monkeypat
     ids = generate(komt.load_model(smol_checkpoint), fmt.prompt(QUESTION), max_new_tokens=6, eos_id=tokenizer.stop_ids)
     assert out == tokenizer.decode(ids) + "\n"
     name = flag[1] if flag else "template"
-    assert f"[prompt format: {name}" in err and (name != "template" or "chat_template.jinja" in err)
+    assert f", prompt format {name}" in err and (name != "template" or "chat_template.jinja" in err)
     assert re.fullmatch(r"\[prompt \d+ tokens, \d+ new tokens, .* tok/s\]", err.strip().splitlines()[-1])
 
 
@@ -273,13 +273,13 @@ def test_chat_with_a_template_keeps_history_in_the_template(smol_checkpoint, mon
     assert first.strip()  # (else the CLI would drop it from the history)
     second = answer([{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
                      {"role": "user", "content": "What next?"}])
-    assert out == f"{first}\n{second}\n" and "[prompt format: template (" in err
+    assert out == f"{first}\n{second}\n" and ", prompt format template (" in err
 
 
 def test_komts_own_checkpoint_keeps_the_card_format(checkpoint, monkeypatch):
     status, _, err = _main(["--model", str(checkpoint), "--prompt", PROMPT, "--max-new-tokens", "2", "--device", "cpu"],
                            monkeypatch=monkeypatch)
-    assert status == 0 and "[prompt format: card]\n" in err
+    assert status == 0 and ", prompt format card]\n" in err
 
 
 def test_template_format_without_a_template_is_one_error_line(checkpoint, monkeypatch):

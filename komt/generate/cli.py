@@ -226,7 +226,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def stream_answer(model, tokenizer, prompt_ids: Sequence[int], args: argparse.Namespace,
+def stream_answer(model, tokenizer, prompt_ids: Sequence[int], args: argparse.Namespace, fmt,
                   stdout: TextIO, stderr: TextIO) -> str:
     """Stream one answer to stdout (flushed per piece), then the stats line to stderr; return the text."""
     from komt.generate.generation import GenerationStats, stream_text
@@ -241,10 +241,10 @@ def stream_answer(model, tokenizer, prompt_ids: Sequence[int], args: argparse.Na
     except KeyboardInterrupt:
         stream.close()
         emit(stdout, "\n")
-        stderr.write(f"[interrupted; {stats.summary()}]\n")
+        stderr.write(f"[interrupted; {stats.summary()}, prompt format {fmt.label}]\n")
         raise
     emit(stdout, "\n")
-    stderr.write(f"[{stats.summary()}]\n")
+    stderr.write(f"[{stats.summary()}, prompt format {fmt.label}]\n")
     stderr.flush()
     return "".join(pieces)
 
@@ -322,7 +322,7 @@ def chat(model, tokenizer, fmt, context: int, args: argparse.Namespace,
         messages.append({"role": "user", "content": text})
         try:
             ids = fit_history(fmt, messages, context, args.max_new_tokens)
-            answer = stream_answer(model, tokenizer, ids, args, stdout, stderr)
+            answer = stream_answer(model, tokenizer, ids, args, fmt, stdout, stderr)
         except KomtError as err:
             messages.pop()
             stderr.write(f"error: {err}\n")
@@ -369,11 +369,10 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
         check_fits(len(ids), args.max_new_tokens, context)
     model = load_weights(args, folder, stderr)
     raise_on_interrupt()  # loaded: from here Ctrl-C stops an answer (and its stats line prints)
-    stderr.write(f"[prompt format: {fmt.label}]\n")
     if want_chat:
         first = prompt.strip() if prompt is not None and prompt.strip() else None
         return chat(model, tokenizer, fmt, context, args, stdin, stdout, stderr, first=first)
-    stream_answer(model, tokenizer, ids, args, stdout, stderr)
+    stream_answer(model, tokenizer, ids, args, fmt, stdout, stderr)
     return 0
 
 

@@ -89,9 +89,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
         return _load_folder(path, read_tokenizer_settings(path))
-    if not path.is_file():
+    if not path.exists():
         raise TokenizerError(f"{path} does not exist; pass a checkpoint folder containing {SENTENCEPIECE_FILE} "
                              f"or {TOKENIZER_JSON_FILE}, or the file itself")
+    require_regular_file(path, TokenizerError)
     if path.suffix == ".gguf":
         from komt.generate.gguf_tokenizer import tokenizer_from_gguf_metadata
         from komt.model.gguf import GGUFFile
@@ -113,14 +114,15 @@ def _load_folder(folder: Path, settings: TokenizerSettings) -> Tokenizer:
     from komt.generate.sentencepiece_tokenizer import read_sentencepiece
 
     model, tokenizer_json = folder / SENTENCEPIECE_FILE, folder / TOKENIZER_JSON_FILE
-    if not model.is_file():
-        if tokenizer_json.is_file():
+    # exists(), not is_file(): a FIFO or a folder under these names is refused by name when read
+    if not model.exists():
+        if tokenizer_json.exists():
             return read_tokenizer_json(tokenizer_json, settings)
         raise TokenizerError(f"folder {folder} has no {SENTENCEPIECE_FILE} or {TOKENIZER_JSON_FILE}; pass a "
                              f"checkpoint folder containing one of them, or the file itself")
     tokenizer = read_sentencepiece(model, settings)
     added = [i for i in settings.added_token_ids if i >= tokenizer.vocab_size]
-    if tokenizer_json.is_file():
+    if tokenizer_json.exists():
         added += [i for i in _added_token_ids(tokenizer_json) if i >= tokenizer.vocab_size]
         if added:
             return read_tokenizer_json(tokenizer_json, settings)
