@@ -256,7 +256,7 @@ def test_prompt_format_frames_the_prompt_and_is_named(smol_checkpoint, monkeypat
     assert out == tokenizer.decode(ids) + "\n"
     name = flag[1] if flag else "template"
     assert f", prompt format {name}" in err and (name != "template" or "chat_template.jinja" in err)
-    assert re.fullmatch(r"\[prompt \d+ tokens, \d+ new tokens, .* tok/s\]", err.strip().splitlines()[-1])
+    assert re.fullmatch(r"\[prompt \d+ tokens, \d+ new tokens, .* tok/s, prompt format .*\]", err.strip().splitlines()[-1])
 
 
 def test_chat_with_a_template_keeps_history_in_the_template(smol_checkpoint, monkeypatch):
