@@ -109,13 +109,13 @@ class BenchRow:
 
 
 HEADER = (f"{'preset':<22}{'dtype':<10}{'base':<6}{'B x T':<11}{'r':<4}{'trainable':>12}{'ckpt':>6}{'ms/step':>10}"
-          f"{'tokens/s':>11}{'weights':>11}{'peak mem':>11}{'TFLOP/s':>9}")
+          f"{'tokens/s':>11}{'weights':>13}{'peak mem':>11}{'TFLOP/s':>9}")
 
 
 def format_row(r: BenchRow) -> str:
     return (f"{r.preset:<22}{r.dtype:<10}{r.base:<6}{r.batch:<11}{r.lora_r:<4}{r.trainable:>12,}"
             f"{'yes' if r.checkpointing else 'no':>6}{r.ms_per_step:>10.1f}{r.tokens_per_s:>11,.0f}"
-            f"{r.weight_bytes / 2**30:>9.3f}GB{r.peak_bytes / 2**30:>9.2f}GB{r.tflops:>9.2f}")
+            f"{r.weight_bytes / 2**20:>11,.2f}MB{r.peak_bytes / 2**30:>9.2f}GB{r.tflops:>9.2f}")
 
 
 def measure(args: argparse.Namespace, base_quantize: str | None) -> BenchRow:

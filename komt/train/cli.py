@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
             args = build_merge_parser().parse_args(argv[1:])
             merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                          base_quantize=None if args.base_quantize == "none" else args.base_quantize)
+                          base_quantize=None if args.base_quantize == "none" else args.base_quantize, log=sys.stderr)
         else:
             from komt.train.trainer import train
 
