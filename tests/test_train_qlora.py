@@ -32,7 +32,7 @@ import komt
 from komt.errors import CheckpointError, ConfigError
 from komt.generate.tokenizer import load_tokenizer
 from komt.model import Transformer, preset
-from komt.model.lora import LoRAConfig, count_parameters, inject_lora, lora_modules, save_adapter
+from komt.model.lora import count_parameters, inject_lora, lora_modules
 from komt.model.nf4 import NF4Linear, dequantize_nf4, quantize_nf4
 from komt.model.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear, QuantizeSpec
 from komt.model.safetensors_file import SafetensorsFile
