@@ -289,6 +289,21 @@ def test_merge_flag_overrides_what_the_run_recorded_and_checkpoints_read_their_r
         merge_adapter(base, peft, tmp_path / "bad", base_quantize="int3", log=None)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", METHODS)
+def test_qlora_on_cuda_under_bf16_autocast_learns_and_its_merge_is_the_quantized_base_plus_adapter(base, data,
+                                                                                                 tmp_path, method):
+    """The GPU path: bf16 embeddings and norms, int8/int4 through the Triton kernels, NF4 dequantized in torch."""
+    out = train(config(base, data, tmp_path / "run", base_quantize=method, max_steps=8, device="cuda",
+                       grad_checkpointing=True), log=None)
+    m = metrics(out)
+    assert m[-1]["loss"] < m[0]["loss"] - 1.0
+    assert all(PEFT_KEY.match(k) for k in SafetensorsFile(out / "adapter_model.safetensors").keys())
+    merged = merge_adapter(base, out, tmp_path / "merged", log=None)  # on the CPU, from the recorded method
+    ids = torch.randint(0, 32000, (1, 10), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(logits(merged, ids), logits(base, ids, quantize=method, adapter=out), atol=2e-5, rtol=0)
+
+
 # --- the nf4 inference path ------------------------------------------------------------------------------
 
 def test_load_model_quantize_nf4_is_f_linear_on_the_dequantized_weights(base):
