@@ -24,6 +24,7 @@ from torch import nn
 
 from komt.atomic import current_umask, write_text_atomic
 from komt.errors import CheckpointError
+from komt.model.nf4 import NF4Linear
 from komt.model.quantized_linear import QuantizedLinear
 from komt.model.safetensors_file import write_safetensors
 
@@ -36,6 +37,10 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 def write_checkpoint(model: nn.Module, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """config.json + weights of `model` into the existing `folder`, in Hugging Face's layout."""
     config = model.config
+    nf4 = next((n for n, m in model.named_modules() if isinstance(m, NF4Linear)), None)
+    if nf4 is not None:  # the loader reads canonical int8/int4 only (QUANT_SPEC.md); NF4 is quantized at load
+        raise CheckpointError(f"{nf4} is an NF4 layer, which komt checkpoints cannot store; write the dense model "
+                              "and load it with quantize='nf4'")
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     tensors = [(name, t) for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")]
     dtype = model.model.embed_tokens.weight.dtype

@@ -108,8 +108,9 @@ def load_model(
 
     `dtype` None keeps the dtype of the checkpoint's tensors (a file that mixes dtypes gets its config's
     `torch_dtype`, else float32); `adapter` applies a PEFT LoRA adapter folder; `kernels` picks "torch"
-    or "triton" (default: Triton on CUDA). `quantize` "int8" / "int4" quantizes the linear layers while
-    loading (`group_size`: int8 per channel by default, int4 32); a checkpoint written by
+    or "triton" (default: Triton on CUDA). `quantize` "int8" / "int4" / "nf4" quantizes the linear layers
+    while loading (`group_size`: int8 per channel by default, int4 32; nf4 QLoRA's NormalFloat in blocks of
+    64 with double-quantized maxima); a checkpoint written by
     `python -m komt.quantize` or a GGUF file's Q8_0/Q4_0/Q4_1 tensors load quantized as stored. `layout`
     "auto" gives a CPU model the fast CPU decoding layouts (komt.model.cpu_layouts); "plain" keeps the
     layers as loaded. `model(input_ids)` -> logits [B, T, V]. The device, the kernels and the checkpoint's
@@ -133,7 +134,7 @@ def load_model(
     model.source_path = folder
     fallbacks = spec.fallbacks(model) if spec is not None else []
     if fallbacks:
-        print(f"komt: {len(fallbacks)} layers have an input size that int4 groups of {spec.group_size or 32} do not "
+        print(f"komt: {len(fallbacks)} layers have an input size that {spec.method} blocks of {spec.block} do not "
               f"divide (e.g. {fallbacks[0]}); they use int8 per channel", file=sys.stderr)
     if adapter is not None:
         from komt.model.lora import load_adapter

@@ -300,9 +300,21 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, tied weights counted once."""
+    """(trainable, total) parameter counts, tied weights counted once.
+
+    A quantized layer counts the weights it stands for (out x in), not its storage: NF4 packs two weights
+    a byte and keeps block maxima, so counting its tensors would make a QLoRA model look half its size.
+    """
+    stored: set[int] = set()
+    logical = 0
+    for module in model.modules():
+        own = {id(p) for p in module.parameters()}
+        if is_linear(module) and not isinstance(module, (nn.Linear, LoRALinear)) and own and not own & stored:
+            logical += module.in_features * module.out_features  # (a wrapper's inner layer is not counted again)
+            stored |= own
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    total = logical + sum(p.numel() for p in params if id(p) not in stored)
+    return sum(p.numel() for p in params if p.requires_grad), total
 
 
 def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

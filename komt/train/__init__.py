@@ -2,6 +2,7 @@
 
     python -m komt.train --model M --data data.jsonl --output runs/a     -> a PEFT LoRA adapter in runs/a
     python -m komt.train dpo --model M --data prefs.jsonl --output runs/d  -> a DPO-trained adapter
+    python -m komt.train ... --base-quantize nf4                            -> LoRA over a frozen NF4 base (QLoRA)
     torchrun ... -m komt.train --full ...                                   -> a checkpoint folder, FSDP2-sharded training
     python -m komt.train merge --model M --adapter runs/a --output merged  -> a full merged checkpoint
 

@@ -14,13 +14,14 @@ import sys
 from komt.errors import KomtError
 from komt.model.lora import DEFAULT_TARGETS
 from komt.generate.prompt import PROMPT_FORMATS
-from komt.train.config import DPO_LOSSES, DTYPE_CHOICES, DPOConfig, TrainConfig
+from komt.train.config import BASE_QUANTIZE_CHOICES, DPO_LOSSES, DTYPE_CHOICES, DPOConfig, TrainConfig
 
 EPILOG = """\
 examples:
   python -m komt.train --model davidkim205/komt-mistral-7b-v1 --data data.jsonl --output runs/a --epochs 1
   torchrun --nproc-per-node 4 -m komt.train --model M --data data.jsonl --output runs/a --max-steps 1000
   python -m komt.train --model M --data data.jsonl --output runs/a --max-steps 1000 --resume
+  python -m komt.train --model M --data data.jsonl --output runs/q --base-quantize int8     # QLoRA
   torchrun --nproc-per-node 8 -m komt.train --full --model M --data data.jsonl --output runs/f
   python -m komt.train dpo --model M --data prefs.jsonl --output runs/d
   python -m komt.train merge --model M --adapter runs/a --output merged/
@@ -172,6 +173,11 @@ def _add_common_flags(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                         "compute and saved dtype over fp32 master weights (default: auto)")
     p.add_argument("--full", action="store_true",
                    help="train every weight instead of a LoRA adapter; under torchrun sharded with FSDP2")
+    p.add_argument("--base-quantize", choices=("none", *BASE_QUANTIZE_CHOICES), default="none",
+                   help="QLoRA: hold the frozen base quantized under fp32 LoRA layers: int8 per channel, int4 "
+                        "groups of 32, or nf4 (QLoRA's NormalFloat, blocks of 64); lm_head int8, embeddings "
+                        "dense. komt's own recipe script trains on an 8-bit base (int8) and its --bits 4 "
+                        "means nf4 (default: none, the base as --dtype loads it)")
 
 
 def build_merge_parser() -> argparse.ArgumentParser:
@@ -183,6 +189,10 @@ def build_merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="dtype of the merged weights (default: the base's)")
     p.add_argument("--max-shard-size", type=_positive_int, default=5 * 1024**3, metavar="BYTES",
                    help="split weights into safetensors shards of at most this size (default: 5 GiB)")
+    p.add_argument("--base-quantize", choices=("auto", "none", *BASE_QUANTIZE_CHOICES), default="auto",
+                   help="the base quantization the adapter was trained on (QLoRA): the adapter is folded into "
+                        "those dequantized weights and the whole checkpoint is written dense. auto = what the "
+                        "adapter's run recorded in its train_config.json, else none (default: auto)")
     return p
 
 
@@ -197,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         save_every=args.save_every, save_total_limit=args.save_total_limit, eval_split=args.eval_split,
         eval_every=args.eval_every, grad_checkpointing=args.grad_checkpointing, resume=args.resume,
         device=args.device, dtype=args.dtype, full=args.full,
+        base_quantize=None if args.base_quantize == "none" else args.base_quantize,
     )
     if hasattr(args, "beta"):
         return DPOConfig(**common, beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
@@ -212,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             from komt.train.merge import merge_adapter
 
             args = build_merge_parser().parse_args(argv[1:])
-            merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+            merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                          base_quantize=None if args.base_quantize == "none" else args.base_quantize, log=sys.stderr)
         else:
             from komt.train.trainer import train
 

@@ -6,6 +6,8 @@ projections) with the usual QLoRA-era optimiser settings (AdamW, lr 2e-4, cosine
 defaults (the settings of trl's stack_llama_2 DPO script it was trained with: LoRA r 8, alpha 16, dropout
 0.05 on q/k/v, lr 5e-4, cosine with 100 warm-up steps, weight decay 0.05, batch 8 x accumulation 4).
 `full=True` trains every weight instead of a LoRA adapter (sharded with FSDP2 under torchrun).
+`base_quantize` "int8" / "int4" / "nf4" holds the frozen base quantized under the LoRA layers (QLoRA,
+Dettmers et al. 2023): komt's published recipe trains on an 8-bit base, and its `--bits 4` means NF4.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 from komt.errors import ConfigError
 from komt.generate.prompt import PROMPT_FORMATS
 from komt.model.lora import DEFAULT_TARGETS, LoRAConfig
+from komt.model.quantized_linear import QUANTIZE_CHOICES
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
 DPO_LOSSES = ("sigmoid", "ipo")
+BASE_QUANTIZE_CHOICES = QUANTIZE_CHOICES  # int8 per channel, int4 groups of 32, nf4 (komt.load_model's quantize=)
 RUN_MARKER = "komt.train"  # train_config.json's "written_by": how a folder is recognised as a run of ours
 
 
@@ -53,6 +57,7 @@ class TrainConfig:
     dtype: str = "auto"  # base weights: bf16 (with bf16 autocast) on CUDA, fp32 on the CPU
     full: bool = False  # train every weight (FSDP2 across torchrun processes) instead of a LoRA adapter
     save_total_limit: int = 3  # keep the newest N checkpoints (0: keep all)
+    base_quantize: str | None = None  # hold the frozen base as int8 / int4 / nf4 under the LoRA layers (QLoRA)
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum", "lora_r", "max_seq_len", "save_every")
@@ -72,6 +77,11 @@ class TrainConfig:
         _check("prompt_format", self.prompt_format, lambda v: v in PROMPT_FORMATS, f"one of {', '.join(PROMPT_FORMATS)}")
         _check("save_total_limit", self.save_total_limit, lambda v: isinstance(v, int) and v >= 0,
                "a non-negative integer (0: keep every checkpoint)")
+        _check("base_quantize", self.base_quantize, lambda v: v is None or v in BASE_QUANTIZE_CHOICES,
+               f"one of {', '.join(BASE_QUANTIZE_CHOICES)} (or unset: the base as loaded)")
+        if self.full and self.base_quantize is not None:
+            raise ConfigError(f"--full trains every weight, which cannot be held quantized; --base-quantize "
+                              f"{self.base_quantize} is for LoRA on a frozen base: drop one of the two")
         self.lora  # validates r / alpha / dropout / targets
 
     @property
@@ -94,7 +104,7 @@ class TrainConfig:
 
         Paths are left out on purpose: a run may be resumed after its files moved to another machine."""
         keep = ("batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "max_grad_norm", "lora_r",
-                "lora_alpha", "lora_dropout", "max_seq_len", "seed", "eval_split")
+                "lora_alpha", "lora_dropout", "max_seq_len", "seed", "eval_split", "base_quantize")
         d = {name: getattr(self, name) for name in keep}
         d.update(lora_targets=list(self.lora_targets), world_size=world_size, total_steps=total_steps)
         if self.full:

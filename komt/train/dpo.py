@@ -108,7 +108,10 @@ class DPOObjective:
     def reference_key(self) -> str:
         """What the cache must have been computed from: the pairs' ids and which reference scored them."""
         h = hashlib.sha256()
-        h.update(json.dumps({"own_reference": self.config.ref_model is None, "full": self.config.full}).encode())
+        scored_by = {"own_reference": self.config.ref_model is None, "full": self.config.full}
+        if self.config.base_quantize is not None:  # only when set: caches written before the flag stay valid
+            scored_by["base_quantize"] = self.config.base_quantize
+        h.update(json.dumps(scored_by).encode())
         for p in self.pairs:
             h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
         return h.hexdigest()
@@ -128,7 +131,8 @@ class DPOObjective:
             raise CheckpointError(f"{Path(config.output) / REF_LOGPS_FILE} is missing and the initial weights it was "
                                   "computed from are trained away; restore the file, or pass --ref-model with the "
                                   "starting checkpoint")
-        what = "the frozen base (LoRA switched off)" if not config.full else "the initial weights"
+        held = f", held {config.base_quantize}" if config.base_quantize else ""
+        what = f"the frozen base (LoRA switched off{held})" if not config.full else "the initial weights"
         say(self.log, f"scoring the reference, {what}, on {len(self.pairs)} pairs")
         with weights.reference(model) if not config.full else nullcontext():
             return score_pairs(forward, model, self.pairs, config.batch_size, ctx, self.pad_id)

@@ -1,11 +1,16 @@
 """LoRA training's weights: a frozen base, fp32 LoRA layers, DDP across processes, PEFT adapters on disk.
 
-    load:        base checkpoint (bf16 on CUDA, fp32 on the CPU) -> inject LoRA (fp32, seeded) -> freeze the rest
+    load:        base checkpoint (bf16 on CUDA, fp32 on the CPU; with --base-quantize its linear layers held
+                 int8 / int4 / nf4 as read, QLoRA) -> inject LoRA (fp32, seeded) -> freeze the rest
     wrap:        DistributedDataParallel over the LoRA parameters under torchrun (gradients all-reduced once
                  per optimizer step, in the last micro-batch's backward)
     checkpoint:  checkpoint-N/ = the adapter + trainer_state.pt (optimizer, scheduler, RNG, step) from rank 0
     reference:   the same model with its LoRA layers switched off (DPO's reference, no second copy)
     final:       output/adapter_config.json + adapter_model.safetensors (a PEFT LoRA adapter)
+
+QLoRA is the same code: `LoRALinear` wraps whatever layer variant the loader made (komt.model.linear), a
+quantized layer's backward gives the input's gradient against its dequantized weight without keeping a
+dense copy (komt.model.quantized_linear), and only the LoRA matrices ever reach the adapter files.
 
 The trainer (`komt.train.trainer`) calls the same methods on `komt.train.full.FullWeights`.
 """
@@ -40,13 +45,16 @@ class LoRAWeights:
     @property
     def precision(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"{dtype}{' + bf16 autocast' if uses_autocast(self.ctx.device, self.dtype) else ''}"
+        base = f", base {self.config.base_quantize}" if self.config.base_quantize else ""
+        return f"{dtype}{' + bf16 autocast' if uses_autocast(self.ctx.device, self.dtype) else ''}{base}"
 
     def load(self, model_path: Path, vocab_size: int) -> torch.nn.Module:
-        """The frozen base model with fp32 LoRA layers injected, in training mode."""
+        """The frozen base model (quantized as it is read with --base-quantize) with fp32 LoRA layers injected,
+        in training mode."""
         # PyTorch's SDPA on every device: its fused backward is measured on the H100; the Triton kernels'
         # backward is tested but not yet timed there, so the Triton kernels stay the inference path.
-        model = load_model(model_path, device=self.ctx.device, dtype=self.dtype, kernels="torch", layout="plain")
+        model = load_model(model_path, device=self.ctx.device, dtype=self.dtype, kernels="torch", layout="plain",
+                           quantize=self.config.base_quantize)
         check_vocabulary(vocab_size, model.config.vocab_size)
         torch.manual_seed(self.config.seed)  # the LoRA init: identical in every process
         inject_lora(model, self.config.lora, lora_dtype=torch.float32)
@@ -80,9 +88,10 @@ class LoRAWeights:
         return lora_disabled(model)
 
     def load_reference(self, path: Path) -> torch.nn.Module:
-        """An explicit reference model (`--ref-model`), frozen, in the base's dtype."""
-        return load_model(path, device=self.ctx.device, dtype=self.dtype, kernels="torch",
-                          layout="plain").requires_grad_(False)
+        """An explicit reference model (`--ref-model`), frozen, in the base's dtype and quantization (so a
+        reference that is the policy's own checkpoint scores exactly as the policy starts)."""
+        return load_model(path, device=self.ctx.device, dtype=self.dtype, kernels="torch", layout="plain",
+                          quantize=self.config.base_quantize).requires_grad_(False)
 
     def save_checkpoint(self, output: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         trainer_state: dict[str, Any]) -> Path | None:
