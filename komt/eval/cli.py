@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from komt.errors import DataError, KomtError
+from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.generate.cli import default_device
 from komt.eval.answers import (
     MODEL_CARD_MAX_NEW_TOKENS,
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("answers")
     source.add_argument("--model", help="checkpoint folder or hub id to generate answers with")
     source.add_argument("--adapter", help="LoRA adapter folder applied to --model")
-    source.add_argument("--quantize", choices=("int8", "int4"), help="quantize the linear layers while loading")
+    source.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the linear layers while loading")
     source.add_argument("--group-size", type=int, help="quantization group size (int8: per channel; int4: 32)")
     source.add_argument("--tokenizer", help="tokenizer.model or its folder (default: the checkpoint's)")
     source.add_argument("--answers", help="JSONL with id and answer: judge these instead of generating")

@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 
 from komt.errors import KomtError
+from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.model.checkpoint import random_model
 from komt.model.linear import is_linear
 
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, = cores)")
     p.add_argument("--layout", choices=("auto", "plain"), default="auto",
                    help="auto: the CPU decoding layouts (komt.model.cpu_layouts); plain: the layers as loaded")
-    p.add_argument("--quantize", choices=("int8", "int4"), help="quantize the linear layers (see komt.load_model)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the linear layers (see komt.load_model)")
     p.add_argument("--group-size", type=int, help="quantization group size (int8 default: per channel; int4: 32)")
     p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
     compile_group = p.add_mutually_exclusive_group()

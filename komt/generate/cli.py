@@ -39,6 +39,7 @@ from typing import Sequence, TextIO
 import torch
 
 from komt.errors import GenerationError, KomtError
+from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.generate.prompt import PROMPT_FORMATS
 from komt.interrupts import raise_on_interrupt
 
@@ -103,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
                    help="card: komt's [INST] format; template: the checkpoint's chat template; raw: the text as is; "
                         "auto (default): template if the checkpoint ships one, else card")
-    p.add_argument("--quantize", choices=("int8", "int4"),
-                   help="quantize the linear layers while loading: int8 per channel, int4 in groups of 32")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="quantize the linear layers while loading: int8 per channel, int4 in groups of 32, nf4 (QLoRA's) in blocks of 64")
     p.add_argument("--group-size", type=_number(int, "--group-size", 1), metavar="G",
                    help="quantization group size (int8: default per channel; int4: 32, 64 or 128)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="off",

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from komt.errors import ConfigError, KomtError
+from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.serve.connections import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_HEADER_TIMEOUT_S,
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", help="fp32, bf16 or fp16 (default: the checkpoint's)")
-    parser.add_argument("--quantize", choices=("int8", "int4"), help="quantize the linear layers while loading")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the linear layers while loading")
     parser.add_argument("--group-size", type=int, help="quantization group size (int8: per channel; int4: 32)")
     parser.add_argument("--model-name", help="the name /v1/models reports (default: the folder name)")
     parser.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 2 MiB)")
