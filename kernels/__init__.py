@@ -27,7 +27,7 @@ import importlib.util
 
 import torch
 
-from kernels import ops  # registers the attention and RMSNorm custom ops (int8/int4: on first use); torch only
+from kernels import ops  # the kernels as custom ops, each registered on first use (nothing at import)
 from kernels._launch import needs_grad
 from kernels.reference import (
     attention_mask,
