@@ -34,3 +34,17 @@ def test_python_api_streams_the_same_answer():
     text = "".join(stream_text(model, tokenizer, ids, max_new_tokens=24, temperature=0))
     assert "Paris" in text
     assert tokenizer.decode(generate(model, ids, max_new_tokens=24, eos_id=tokenizer.stop_ids)) == text
+
+
+def test_server_answers_the_question_over_http():
+    """The chat route formats with SmolLM2's own template and stops at its end-of-turn token."""
+    from serving import httpx, serving
+
+    model = komt.load_model(smollm2_gguf())
+    tokenizer = komt.load_tokenizer(model.source_path)
+    with serving(model, tokenizer) as (url, _engine):
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": "tiny", "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
+            "max_tokens": 24}).json()
+    choice = reply["choices"][0]
+    assert "Paris" in choice["message"]["content"] and choice["finish_reason"] == "stop", reply
