@@ -28,7 +28,7 @@ from pathlib import Path
 
 from komt.errors import DataError, KomtError
 from komt.model.quantized_linear import QUANTIZE_CHOICES
-from komt.generate.cli import default_device
+from komt.model.device import requested_device
 from komt.eval.answers import (
     MODEL_CARD_MAX_NEW_TOKENS,
     MODEL_CARD_SAMPLING,
@@ -119,7 +119,7 @@ def run_evaluation(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                 raise DataError(f"{args.answers}: no answer for question id(s) {', '.join(map(str, missing))}")
             answer = file_answerer(answers, args.answers)
         else:
-            device = args.device or default_device()
+            device = requested_device(args.device)
             answerer = load_model_answerer(
                 args.model, args.adapter, args.tokenizer, device, args.dtype, quantize=args.quantize,
                 group_size=args.group_size, max_new_tokens=args.max_new_tokens,
@@ -154,7 +154,7 @@ def run_perplexity(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from komt.eval.perplexity import file_examples, perplexity
     from komt.generate.vocab import check_tokenizer_fits
 
-    model = komt.load_model(args.model, device=args.device or default_device(), dtype=args.dtype,
+    model = komt.load_model(args.model, device=requested_device(args.device), dtype=args.dtype,
                             adapter=args.adapter, quantize=args.quantize, group_size=args.group_size)
     tokenizer = komt.load_tokenizer(args.tokenizer or getattr(model, "source_path", args.model))
     check_tokenizer_fits(tokenizer.vocab_size, model.config.vocab_size, tokenizer.source)

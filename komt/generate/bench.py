@@ -149,14 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from komt.errors import GenerationError
     from komt.model.checkpoint import parse_dtype
-    from komt.model.load import parse_device
+    from komt.model.device import requested_device
 
     for flag in ("prompt_len", "new_tokens", "batch_size", "repeat"):
         if getattr(args, flag) < 1:
             raise GenerationError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = requested_device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         raise GenerationError(f"--cuda-graphs needs a CUDA device, not {device}; use --compile on the CPU")
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))

@@ -113,10 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> str | None:
     """The dtype to load in; None keeps the checkpoint's (see module docstring)."""
     if dtype != "auto":
@@ -173,9 +169,10 @@ def open_checkpoint(args: argparse.Namespace):
 
 def load_weights(args: argparse.Namespace, folder: Path, stderr: TextIO):
     """The model on the requested device, in the requested dtype, with a progress bar for big checkpoints."""
-    from komt.model.load import load_model, parse_device
+    from komt.model.device import requested_device
+    from komt.model.load import load_model
 
-    device = parse_device(args.device or default_device())  # `gpu0`, or CUDA absent: one error line
+    device = requested_device(args.device)  # `gpu0`, or CUDA absent: one error line
     return load_model(folder, device=device, dtype=resolve_dtype(args.dtype, device), adapter=args.adapter,
                       kernels=args.kernels, progress=LoadProgress(stderr), quantize=args.quantize,
                       group_size=args.group_size)

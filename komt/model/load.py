@@ -12,32 +12,11 @@ from komt.errors import CheckpointError, ConfigError
 from komt.model.attention import KERNEL_BACKENDS
 from komt.model.checkpoint import ProgressFn, load_checkpoint, parse_dtype
 from komt.model.config import ModelConfig
+from komt.model.device import parse_device
 from komt.model.gguf_model import is_gguf, load_gguf_model
 from komt.model.hub import resolve_model_path
 from komt.model.quantized_linear import QuantizeSpec
 from komt.model.transformer import Transformer
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    """`"cuda:1"` -> torch.device, checked against this machine; None is the CPU.
-
-    A misspelt device (`gpu0`) or CUDA on a machine without it is a ConfigError here, at the edge,
-    instead of a torch RuntimeError/AssertionError from the first allocation.
-    """
-    if device is None:
-        return torch.device("cpu")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"unknown device {str(device)!r:.40}; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device}: CUDA is not available on this machine; use cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {device}: MPS is not available on this machine; use cpu")
-    return parsed
 
 
 def _triton_interpreting() -> bool:

@@ -127,16 +127,16 @@ def serve(args: argparse.Namespace) -> int:
     )
 
     require_serve_dependencies()  # before minutes of loading, not after
-    import torch
     import uvicorn
 
     from komt import load_model, load_tokenizer
     from komt.generate.vocab import check_tokenizer_fits
+    from komt.model.device import requested_device
     from komt.serve.connections import server_config
     from komt.serve.engine import Engine
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = requested_device(args.device)
     # (on the CPU, load_model gives a lone request's decode steps all cores: komt.model.cpu_layouts)
     model = load_model(args.model, device=device, dtype=args.dtype, adapter=args.adapter,
                        quantize=args.quantize, group_size=args.group_size)
