@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 
 from komt.errors import KomtError
+from komt.model.attention import KERNEL_BACKENDS
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.model.checkpoint import random_model
 from komt.model.linear import is_linear
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the CPU decoding layouts (komt.model.cpu_layouts); plain: the layers as loaded")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the linear layers (see komt.load_model)")
     p.add_argument("--group-size", type=int, help="quantization group size (int8 default: per channel; int4: 32)")
-    p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
+    p.add_argument("--kernels", choices=KERNEL_BACKENDS, help="attention/RMSNorm kernels (default: triton on CUDA)")
     compile_group = p.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
     compile_group.add_argument("--cuda-graphs", action="store_true",

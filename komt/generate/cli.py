@@ -39,6 +39,7 @@ from typing import Sequence, TextIO
 import torch
 
 from komt.errors import GenerationError, KomtError
+from komt.model.attention import KERNEL_BACKENDS
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.generate.prompt import PROMPT_FORMATS
 from komt.interrupts import raise_on_interrupt
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 on CUDA, the checkpoint's dtype on the CPU")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply")
-    p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
+    p.add_argument("--kernels", choices=KERNEL_BACKENDS, help="attention/RMSNorm kernels (default: triton on CUDA)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer.model, tokenizer.json or their folder (default: the model folder's)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
