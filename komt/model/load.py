@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from kernels._launch import interpreting
 from komt.errors import CheckpointError, ConfigError
 from komt.model.attention import KERNEL_BACKENDS
 from komt.model.checkpoint import ProgressFn, load_checkpoint, parse_dtype
@@ -17,11 +18,6 @@ from komt.model.gguf_model import is_gguf, load_gguf_model
 from komt.model.hub import resolve_model_path
 from komt.model.quantized_linear import QuantizeSpec
 from komt.model.transformer import Transformer
-
-
-def _triton_interpreting() -> bool:
-    """TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors (the tests do); read as kernels._launch does."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_supports(head_dim: int) -> bool:
@@ -49,7 +45,7 @@ def choose_kernels(device: torch.device, requested: str | None = None, head_dim:
         return "triton"
     if choice not in KERNEL_BACKENDS:
         raise ConfigError(f"KOMT_KERNELS / kernels must be one of {', '.join(KERNEL_BACKENDS)}, got {choice!r}")
-    if choice == "triton" and device.type != "cuda" and not _triton_interpreting():
+    if choice == "triton" and device.type != "cuda" and not interpreting():  # TRITON_INTERPRET=1: CPU tensors
         raise ConfigError(f"kernels triton (from --kernels or KOMT_KERNELS) needs a CUDA device, not {device}; "
                           "use torch kernels on the CPU")
     if choice == "triton" and not triton_supports(head_dim):
