@@ -41,6 +41,11 @@ def require_regular_file(path: str | os.PathLike, error: type[KomtError] = Confi
     raise error(f"{path}: is {kind}, not a regular file; pass the real file")
 
 
+def is_int(value: Any) -> bool:
+    """An integer and not a boolean: JSON `true` parses to Python's bool, which is an int (`True == 1`)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class _DuplicateKey(ValueError):
     pass
 

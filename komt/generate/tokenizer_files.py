@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from komt.errors import TokenizerError
-from komt.jsonutil import require_regular_file
+from komt.jsonutil import is_int, require_regular_file
 
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
@@ -114,7 +114,7 @@ def _optional_bool(config: dict[str, Any], name: str, path: Path) -> bool | None
 
 def _id_list(value: Any, path: Path) -> tuple[int, ...]:
     values = value if isinstance(value, list) else [] if value is None else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+    if not all(is_int(v) and v >= 0 for v in values):
         raise TokenizerError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
     return tuple(values)
 

@@ -26,6 +26,7 @@ from komt.errors import GenerationError, KomtError
 from komt.generate.prompt import prompt_format
 from komt.generate.sampling import PENALTY_RANGE, SamplingParams
 from komt.generate.tokenizer import Tokenizer
+from komt.jsonutil import is_int
 
 MAX_STOP_STRINGS = 16
 MAX_N = 16  # choices per request
@@ -118,7 +119,7 @@ def parse_completion_request(body: dict[str, Any], tokenizer: Tokenizer, *, cont
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
         prompt_ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(_is_int(i) and 0 <= i < tokenizer.vocab_size for i in prompt):
+    elif isinstance(prompt, list) and prompt and all(is_int(i) and 0 <= i < tokenizer.vocab_size for i in prompt):
         prompt_ids = list(prompt)
     else:
         raise APIError(f"'prompt' must be a non-empty string or a list of token ids below {tokenizer.vocab_size} "
@@ -191,10 +192,6 @@ def _spec(body: dict[str, Any], prompt_ids: list[int], context: int, prompt_para
     )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _show(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, bytes) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -218,7 +215,7 @@ def _integer(body: dict[str, Any], name: str, default: int | None, lo: int | Non
         return default
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not _is_int(value):  # true is not 1
+    if not is_int(value):  # true is not 1
         raise APIError(f"'{name}' must be an integer, got {_show(value)}", param=name)
     if lo is not None and value < lo:
         raise APIError(f"'{name}' must be >= {lo}, got {value}", param=name)
