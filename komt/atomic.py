@@ -15,6 +15,7 @@ writer's lock keeps its file safe. (Without `fcntl`, on Windows, stale files are
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -90,3 +91,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_file(path) as f:
         f.write(text)
+
+
+def write_json_atomic(path: str | os.PathLike, data: object) -> None:
+    """`data` as indented JSON (UTF-8 text as is, not ASCII escapes) and a final newline, atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from komt.atomic import write_json_atomic
 from komt.model.checkpoint import build_empty_model, parse_dtype
 from komt.model.config import PRESETS, preset
-from komt.model.convert import write_json_atomic
 from komt.model.safetensors_file import write_safetensors
 
 

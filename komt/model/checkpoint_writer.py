@@ -11,7 +11,6 @@ stored. A head that was quantized separately from a tied embedding is stored as 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from komt.atomic import current_umask, write_text_atomic
+from komt.atomic import current_umask, write_json_atomic
 from komt.errors import CheckpointError
 from komt.model.nf4 import NF4Linear
 from komt.model.quantized_linear import QuantizedLinear
@@ -53,7 +52,7 @@ def write_checkpoint(model: nn.Module, folder: Path, max_shard_bytes: int = MAX_
             "group_sizes": sorted({m.group_size for m in quantized}),
             "format": "komt canonical int8/int4 (komt.model.quant); load with komt.load_model",
         }
-    write_text_atomic(folder / "config.json", json.dumps(raw, indent=2) + "\n")
+    write_json_atomic(folder / "config.json", raw)
     shards = split_into_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         write_safetensors(folder / "model.safetensors", shards[0], metadata={"format": "pt"})
@@ -65,7 +64,7 @@ def write_checkpoint(model: nn.Module, folder: Path, max_shard_bytes: int = MAX_
         weight_map.update({name: filename for name, _ in shard})
     total = sum(t.numel() * t.element_size() for _, t in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    write_text_atomic(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    write_json_atomic(folder / "model.safetensors.index.json", index)
 
 
 def split_into_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:

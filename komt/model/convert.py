@@ -10,19 +10,14 @@ A conversion killed mid-write leaves a `.<shard>.komt-tmp-*` file; the next run 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
 
-from komt.atomic import remove_stale_temp_files, write_text_atomic
+from komt.atomic import remove_stale_temp_files, write_json_atomic
 from komt.errors import CheckpointError
 from komt.model.checkpoint import ShardReader, find_weight_shards
 from komt.model.safetensors_file import write_safetensors
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def convert_to_safetensors(folder: str | os.PathLike, log: Callable[[str], None] = print) -> list[Path]:

@@ -22,7 +22,6 @@ weights an uninterrupted run produces, and N processes with the same global batc
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any, Callable, TextIO
 
 import torch
 
-from komt.atomic import write_text_atomic
+from komt.atomic import write_json_atomic
 from komt.errors import ConfigError, KomtError
 from komt.generate.tokenizer import load_tokenizer
 from komt.model.hub import resolve_model_path
@@ -137,7 +136,7 @@ def _run(config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) 
     if ctx.is_main:  # the first write: every input has been read and checked by now
         output.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output)
-        write_text_atomic(output / TRAIN_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+        write_json_atomic(output / TRAIN_CONFIG, config.to_dict())
         metrics = MetricsLog(output / METRICS_FILE, resume_step=start if folder.resume_from else None)
     distributed.barrier(ctx)
     forward = weights.forward_fn(step_model)
