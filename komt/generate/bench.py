@@ -20,7 +20,6 @@ Peak memory is the process's peak RSS on the CPU and `torch.cuda.max_memory_allo
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import time
@@ -33,12 +32,11 @@ from komt.model.attention import KERNEL_BACKENDS
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.model.checkpoint import random_model
 from komt.model.linear import is_linear
+from komt.model.peak_memory import peak_memory_bytes
 
 
 def _peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB (CUDA allocated)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (RSS)"
+    return f"{peak_memory_bytes(device) / 2**20:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"
 
 
 def _median_ms(intervals: list[float]) -> str:

@@ -23,6 +23,7 @@ import torch
 from komt.atomic import write_json_atomic
 from komt.model.checkpoint import build_empty_model, parse_dtype
 from komt.model.config import PRESETS, preset
+from komt.model.peak_memory import peak_memory_bytes
 from komt.model.safetensors_file import write_safetensors
 
 
@@ -70,9 +71,8 @@ def _load_in_this_process(folder: str, dtype: str | None, touch: bool) -> None:
             p.float().sum() if p.numel() < 2**27 else sum(chunk.float().sum() for chunk in p.split(4096))
     seconds = time.perf_counter() - start
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    status = Path("/proc/self/status").read_text()
-    hwm_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
-    print(json.dumps({"seconds": seconds, "peak_rss_gb": hwm_kb * 1024 / 1e9, "weights_gb": params / 1e9}))
+    peak = peak_memory_bytes(torch.device("cpu"))
+    print(json.dumps({"seconds": seconds, "peak_rss_gb": peak / 1e9, "weights_gb": params / 1e9}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -34,6 +33,7 @@ from komt.errors import KomtError
 from komt.model import PRESETS, Transformer, preset
 from komt.model.checkpoint import random_model
 from komt.model.lora import LoRAConfig, count_parameters, inject_lora
+from komt.model.peak_memory import peak_memory_bytes, reset_peak_memory
 from komt.model.quantized_linear import QuantizedLinear, QuantizeSpec
 from komt.train.config import BASE_QUANTIZE_CHOICES, TrainConfig
 from komt.train.data import Example
@@ -43,31 +43,6 @@ from komt.train.lora_weights import LoRAWeights
 from komt.train.model_prep import enable_activation_checkpointing, resolve_dtype
 from komt.train.sft import SFTObjective
 from komt.train.trainer import train_step
-
-
-def peak_memory_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # "5" resets the kernel's peak-RSS counter (VmHWM) for this process (Linux >= 4.0)
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak since the last reset: CUDA allocator bytes, or the process's peak resident set on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def training_flops_per_token(model: Transformer, seq_len: int, grad_checkpointing: bool) -> float:
@@ -146,7 +121,7 @@ def measure(args: argparse.Namespace, base_quantize: str | None) -> BenchRow:
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, V, (B, T)).tolist()
         batch = [Example(row, row, "random") for row in ids]
-        peak_memory_reset(device)
+        reset_peak_memory(device)
         t0 = time.perf_counter()
         train_step(model, forward, objective, weights, batch, optimizer, scheduler, config, ctx)  # syncs
         if step >= args.warmup:
