@@ -22,6 +22,7 @@ import torch
 
 from komt.atomic import write_json_atomic
 from komt.model.checkpoint import build_empty_model, parse_dtype
+from komt.model.checkpoint_writer import shard_file_name, split_into_shards
 from komt.model.config import PRESETS, preset
 from komt.model.peak_memory import peak_memory_bytes
 from komt.model.safetensors_file import write_safetensors
@@ -31,23 +32,13 @@ def write_synthetic_checkpoint(folder: Path, preset_name: str, dtype: torch.dtyp
     """Random weights of the preset's shape, written shard by shard so memory stays at one shard."""
     config = preset(preset_name, torch_dtype=str(dtype).replace("torch.", ""))
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = [(name, tuple(p.shape)) for name, p in build_empty_model(config).named_parameters()]
-    limit = int(shard_gb * 1e9)
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in shapes:
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if groups[-1] and size + nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shape))
-        size += nbytes
-    n = len(groups)
+    meta = list(build_empty_model(config).to(dtype).named_parameters())  # shapes and dtypes, no memory
+    groups = split_into_shards(meta, int(shard_gb * 1e9))
     stem, suffix = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
     weight_map = {}
     for k, group in enumerate(groups, start=1):
-        filename = f"{stem}-{k:05d}-of-{n:05d}.{suffix}"
-        tensors = [(name, torch.empty(shape, dtype=dtype).normal_(std=0.02)) for name, shape in group]
+        filename = shard_file_name(k, len(groups), stem, suffix)
+        tensors = [(name, torch.empty(p.shape, dtype=dtype).normal_(std=0.02)) for name, p in group]
         if fmt == "safetensors":
             write_safetensors(folder / filename, tensors)
         else:

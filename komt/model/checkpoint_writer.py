@@ -59,7 +59,7 @@ def write_checkpoint(model: nn.Module, folder: Path, max_shard_bytes: int = MAX_
         return
     weight_map = {}
     for k, shard in enumerate(shards, start=1):
-        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        filename = shard_file_name(k, len(shards))
         write_safetensors(folder / filename, shard, metadata={"format": "pt"})
         weight_map.update({name: filename for name, _ in shard})
     total = sum(t.numel() * t.element_size() for _, t in tensors)
@@ -68,7 +68,9 @@ def write_checkpoint(model: nn.Module, folder: Path, max_shard_bytes: int = MAX_
 
 
 def split_into_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups of at most `max_bytes` each (a single larger tensor gets a shard of its own)."""
+    """Consecutive groups of at most `max_bytes` each (a single larger tensor gets a shard of its own).
+
+    Only shapes and dtypes are read, so meta tensors plan the shards of a checkpoint not yet made."""
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, t in tensors:
@@ -79,6 +81,11 @@ def split_into_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -
         shards[-1].append((name, t))
         size += nbytes
     return shards
+
+
+def shard_file_name(k: int, n: int, stem: str = "model", suffix: str = "safetensors") -> str:
+    """Hugging Face's name for shard k of n (from 1): `model-00001-of-00003.safetensors`."""
+    return f"{stem}-{k:05d}-of-{n:05d}.{suffix}"
 
 
 def check_new_output(output: Path, flag: str = "--output") -> None:
