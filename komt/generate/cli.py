@@ -43,6 +43,7 @@ from komt.model.attention import KERNEL_BACKENDS
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.generate.prompt import PROMPT_FORMATS
 from komt.interrupts import raise_on_interrupt
+from komt.progress import StatusLine, bar
 
 DEFAULT_MODEL = "davidkim205/komt-mistral-7b-v1"
 COMPILE_MODES = ("off", "default", "reduce-overhead")
@@ -127,12 +128,11 @@ class LoadProgress:
     """A `progress(bytes_done, bytes_total)` callback drawing a plain-text bar on stderr while weights load.
 
     Silent for checkpoints under `min_bytes` (nothing to wait for). On a terminal the bar redraws in place;
-    elsewhere (a log file) it prints a line every 25%.
+    elsewhere (a log file) it prints a line every 25% (komt.progress).
     """
 
     def __init__(self, stream: TextIO, min_bytes: int = 256 * 2**20, width: int = 30) -> None:
-        self.stream, self.min_bytes, self.width = stream, min_bytes, width
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.line, self.min_bytes, self.width = StatusLine(stream), min_bytes, width
         self.start = time.perf_counter()
         self._last_drawn = -1
 
@@ -140,20 +140,16 @@ class LoadProgress:
         if total < self.min_bytes:
             return
         percent = 100 * done // max(total, 1)
-        step = 1 if self.tty else 25
+        step = 1 if self.line.tty else 25
         if percent // step == self._last_drawn // step and done < total:
             return
         self._last_drawn = percent
-        filled = self.width * done // max(total, 1)
-        bar = "#" * filled + "." * (self.width - filled)
-        line = f"loading weights [{bar}] {percent:3d}% {done / 1e9:.1f}/{total / 1e9:.1f} GB"
+        text = f"loading weights {bar(done, total, self.width)} {percent:3d}% {done / 1e9:.1f}/{total / 1e9:.1f} GB"
         if done >= total:
-            line += f" in {time.perf_counter() - self.start:.1f} s"
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if done >= total else ""))
+            self.line.draw(text + f" in {time.perf_counter() - self.start:.1f} s")
+            self.line.close()
         else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+            self.line.draw(text)
 
 
 def open_checkpoint(args: argparse.Namespace):
