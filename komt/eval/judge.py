@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from komt.errors import KomtError
-from komt.jsonutil import is_int
+from komt.jsonutil import is_int, parse_json
 
 GRADING_SYSTEM = "당신은 한국어 AI 어시스턴트의 답변을 공정하고 엄격하게 채점하는 평가자입니다."
 
@@ -163,8 +163,8 @@ class Judge:
 
     def _content(self, payload: bytes) -> str:
         try:
-            content = json.loads(payload)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            content = parse_json(payload, f"judge {self.url}", JudgeError)["choices"][0]["message"]["content"]
+        except (JudgeError, KeyError, IndexError, TypeError):
             content = None
         if not isinstance(content, str):
             raise JudgeError(

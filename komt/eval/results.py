@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from komt.errors import DataError
-from komt.jsonutil import is_int
+from komt.jsonutil import is_int, parse_json
 from komt.eval.questions import Question
 from komt.train.jsonl import read_jsonl
 
@@ -74,10 +74,10 @@ def cut_torn_tail(path: Path) -> None:
         return
     start = data.rfind(b"\n") + 1
     try:
-        json.loads(data[start:])
+        parse_json(data[start:], str(path), DataError)  # as strictly as read_jsonl will read it
         with open(path, "ab") as f:  # a complete record that only lacks its newline: keep it
             f.write(b"\n")
-    except ValueError:
+    except DataError:
         os.truncate(path, start)
 
 

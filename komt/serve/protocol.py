@@ -65,7 +65,10 @@ class GenerationSpec:
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 saying why not."""
+    """The request body as a JSON object, or a 400 saying why not.
+
+    The standard parser, not komt.jsonutil's strict one: a `NaN` must reach the field's own check, so that
+    the 400 names the field (`param`) as OpenAI's does."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -79,7 +79,10 @@ class MetricsLog:
 
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
-    """The complete records of a metrics file (a line cut short by a kill is skipped)."""
+    """The complete records of a metrics file (a line cut short by a kill is skipped).
+
+    Plain `json.loads`, not komt.jsonutil's strict parser: the file is komt's own, and a diverged run's
+    loss is written (by `json.dumps`) as `NaN`, which that parser refuses."""
     records = []
     if not path.exists():
         return records
