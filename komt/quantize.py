@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from komt.argtypes import positive_int
 from komt.errors import KomtError
 from komt.model.checkpoint_writer import MAX_SHARD_BYTES, check_new_output, write_checkpoint, write_folder_atomically
 from komt.model.hub import resolve_model_path
@@ -41,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", metavar="DST", help="new folder for the quantized checkpoint (must not exist)")
     parser.add_argument("--bits", type=int, choices=(8, 4), required=True,
                         help="8: int8 (per channel by default); 4: int4 with a scale and offset per group")
-    parser.add_argument("--group-size", type=int, metavar="G",
+    parser.add_argument("--group-size", type=positive_int, metavar="G",
                         help="int8: groups of G inputs instead of per channel; int4: 32 (default), 64 or 128")
-    parser.add_argument("--max-shard-size", type=int, default=MAX_SHARD_BYTES, metavar="BYTES",
+    parser.add_argument("--max-shard-size", type=positive_int, default=MAX_SHARD_BYTES, metavar="BYTES",
                         help="split weights into safetensors shards of at most this size (default 5 GiB)")
     args = parser.parse_args(argv)
     try:

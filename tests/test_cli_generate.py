@@ -183,12 +183,13 @@ def test_missing_tokenizer_is_an_error(checkpoint, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--temperature", "-0.5", "--temperature must be in [0.0, inf), got '-0.5'"),
-        ("--top-p", "0", "--top-p must be in (0.0, 1.0], got '0'"),
-        ("--top-p", "1.5", "--top-p must be in (0.0, 1.0], got '1.5'"),
-        ("--top-k", "-3", "--top-k must be in [0, inf), got '-3'"),
-        ("--max-new-tokens", "0", "--max-new-tokens must be in [1, inf), got '0'"),
-        ("--temperature", "hot", "--temperature must be a number, got 'hot'"),
+        ("--temperature", "-0.5", "argument --temperature: must be a number in [0, inf), got '-0.5'"),
+        ("--top-p", "0", "argument --top-p: must be a number in (0, 1], got '0'"),
+        ("--top-p", "1.5", "argument --top-p: must be a number in (0, 1], got '1.5'"),
+        ("--top-k", "-3", "argument --top-k: must be a non-negative integer, got '-3'"),
+        ("--max-new-tokens", "0", "argument --max-new-tokens: must be a positive integer, got '0'"),
+        ("--temperature", "hot", "argument --temperature: must be a number in [0, inf), got 'hot'"),
+        ("--repetition-penalty", "nan", "argument --repetition-penalty: must be a number in (0, inf), got 'nan'"),
         ("--unknown-flag", "1", "unrecognized arguments: --unknown-flag 1"),
     ],
 )

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from komt.argtypes import positive_int
 from komt.errors import KomtError
 from komt.model.attention import KERNEL_BACKENDS
 from komt.model.quantized_linear import QUANTIZE_CHOICES
@@ -110,23 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--preset", default=None, help="random weights of a named shape (default smollm2-135m)")
     source.add_argument("--model", help="a checkpoint folder or hub id instead of a preset")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU, bf16 on CUDA")
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--window", type=int, help="override the preset's sliding window")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, = cores)")
+    p.add_argument("--window", type=positive_int, help="override the preset's sliding window")
+    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads (default: torch's, = cores)")
     p.add_argument("--layout", choices=("auto", "plain"), default="auto",
                    help="auto: the CPU decoding layouts (komt.model.cpu_layouts); plain: the layers as loaded")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the linear layers (see komt.load_model)")
-    p.add_argument("--group-size", type=int, help="quantization group size (int8 default: per channel; int4: 32)")
+    p.add_argument("--group-size", type=positive_int, help="quantization group size (int8 default: per channel; int4: 32)")
     p.add_argument("--kernels", choices=KERNEL_BACKENDS, help="attention/RMSNorm kernels (default: triton on CUDA)")
     compile_group = p.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
     compile_group.add_argument("--cuda-graphs", action="store_true",
                                help="torch.compile mode=reduce-overhead (CUDA graphs)")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs (after one warm-up)")
+    p.add_argument("--repeat", type=positive_int, default=3, help="timed runs (after one warm-up)")
     p.add_argument("--check", action="store_true",
                    help="also generate with the same weights in plain layers, eager, and report whether the tokens agree")
     p.add_argument("--seed", type=int, default=0)
@@ -150,9 +151,6 @@ def _bench(args: argparse.Namespace) -> int:
     from komt.model.checkpoint import parse_dtype
     from komt.model.device import requested_device
 
-    for flag in ("prompt_len", "new_tokens", "batch_size", "repeat"):
-        if getattr(args, flag) < 1:
-            raise GenerationError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = requested_device(args.device)

@@ -29,7 +29,6 @@ apply the same rule. `--chat --prompt X` starts the chat with X as the first mes
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Sequence, TextIO
 
 import torch
 
+from komt.argtypes import non_negative_int, number, positive_int
 from komt.errors import GenerationError, KomtError
 from komt.model.attention import KERNEL_BACKENDS
 from komt.model.quantized_linear import QUANTIZE_CHOICES
@@ -51,28 +51,6 @@ COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 # ---- arguments ------------------------------------------------------------------------------------------
 
-def _number(kind: type, name: str, low: float | None = None, high: float | None = None,
-            low_open: bool = False):
-    """An argparse type: a finite `kind` within [low, high] (or (low, high] with `low_open`)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text!r}")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        if too_low or (high is not None and value > high):
-            lo = "" if low is None else f"{'(' if low_open else '['}{low}, "
-            hi = "inf)" if high is None else f"{high}]"
-            raise argparse.ArgumentTypeError(f"{name} must be in {lo}{hi}, got {text!r}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m komt.generate",
@@ -84,15 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(with --chat: the chat's first message)")
     p.add_argument("--chat", action="store_true",
                    help="interactive multi-turn chat (/reset clears history, /exit or Ctrl-D quits)")
-    p.add_argument("--max-new-tokens", type=_number(int, "--max-new-tokens", 1), default=1024, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024, metavar="N",
                    help="at most N new tokens (default 1024); the prompt plus N must fit the model's context, "
                         "else it is an error (a chat drops its oldest exchanges to make room)")
-    p.add_argument("--temperature", type=_number(float, "--temperature", 0.0), default=0.8, metavar="T",
+    p.add_argument("--temperature", type=number(0), default=0.8, metavar="T",
                    help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=_number(int, "--top-k", 0), default=100, metavar="K", help="0 = off (default 100)")
-    p.add_argument("--top-p", type=_number(float, "--top-p", 0.0, 1.0, low_open=True), default=0.8, metavar="P",
+    p.add_argument("--top-k", type=non_negative_int, default=100, metavar="K", help="0 = off (default 100)")
+    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=0.8, metavar="P",
                    help="in (0, 1] (default 0.8)")
-    p.add_argument("--repetition-penalty", type=_number(float, "--repetition-penalty", 0.0, low_open=True), default=1.0,
+    p.add_argument("--repetition-penalty", type=number(0, low_open=True), default=1.0,
                    metavar="X", help="> 1 discourages repeating prompt and output tokens (default 1.0 = off)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--seed", type=int, help="seed for sampling (same seed, same text)")
@@ -108,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto (default): template if the checkpoint ships one, else card")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="quantize the linear layers while loading: int8 per channel, int4 in groups of 32, nf4 (QLoRA's) in blocks of 64")
-    p.add_argument("--group-size", type=_number(int, "--group-size", 1), metavar="G",
+    p.add_argument("--group-size", type=positive_int, metavar="G",
                    help="quantization group size (int8: default per channel; int4: 32, 64 or 128)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="off",
                    help="torch.compile the decode step (reduce-overhead = CUDA graphs); compiling takes a while")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from komt.argtypes import number
 from komt.atomic import write_json_atomic
 from komt.model.checkpoint import build_empty_model, parse_dtype
 from komt.model.checkpoint_writer import shard_file_name, split_into_shards
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16", help="checkpoint dtype (default bf16)")
     parser.add_argument("--load-dtype", default=None, help="dtype to load as (default: keep)")
     parser.add_argument("--format", default="safetensors", choices=["safetensors", "bin"])
-    parser.add_argument("--shard-gb", type=float, default=5.0)
+    parser.add_argument("--shard-gb", type=number(0, low_open=True), default=5.0)
     parser.add_argument("--touch", action="store_true",
                         help="read every weight after loading (pages a memory-mapped checkpoint in)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from komt.errors import ConfigError, KomtError
+from komt.argtypes import integer, non_negative_int, number, positive_int
+from komt.errors import KomtError
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.serve.connections import (
     DEFAULT_BODY_TIMEOUT_S,
@@ -33,67 +34,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", help="a PEFT LoRA adapter folder to apply")
     parser.add_argument("--tokenizer", help="tokenizer.model or its folder (default: the model's folder)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=8, help="requests running at once")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; beyond: HTTP 429")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+    parser.add_argument("--port", type=integer(0, 65535), default=8000)
+    parser.add_argument("--max-batch", type=positive_int, default=8, help="requests running at once")
+    parser.add_argument("--max-queue", type=non_negative_int, default=64, help="requests waiting beyond those; beyond: HTTP 429")
+    parser.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                         help="tokens per step, prefill chunks and decode tokens together (default 2048 on CUDA, "
                              "128 on the CPU): smaller keeps running streams smoother while long prompts arrive")
-    parser.add_argument("--max-model-len", type=int, default=None,
+    parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="longest prompt + answer served (default: the model's context)")
-    parser.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
-    parser.add_argument("--kv-cache-fraction", type=float, default=None,
+    parser.add_argument("--kv-cache-tokens", type=positive_int, default=None, help="KV cache size in tokens")
+    parser.add_argument("--kv-cache-fraction", type=number(0, 1, low_open=True), default=None,
                         help="KV cache size as a fraction of the memory free after loading (default 0.9 on CUDA, "
                              "0.25 on the CPU, there at most max batch x max model len)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV cache block")
     parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse the KV blocks of prompt prefixes seen before (default on)")
     parser.add_argument("--compile", choices=("default", "reduce-overhead"), default=None,
                         help="torch.compile the decode step (reduce-overhead: CUDA graphs, one per batch size)")
-    parser.add_argument("--timeout", type=float, default=600.0,
+    parser.add_argument("--timeout", type=number(0), default=600.0,
                         help="seconds a request may take, queueing included (0: no limit)")
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", help="fp32, bf16 or fp16 (default: the checkpoint's)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the linear layers while loading")
-    parser.add_argument("--group-size", type=int, help="quantization group size (int8: per channel; int4: 32)")
+    parser.add_argument("--group-size", type=positive_int, help="quantization group size (int8: per channel; int4: 32)")
     parser.add_argument("--model-name", help="the name /v1/models reports (default: the folder name)")
-    parser.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 2 MiB)")
+    parser.add_argument("--max-body-bytes", type=integer(1024), default=None, help="request body limit (default 2 MiB)")
     parser.add_argument("--allowed-hosts", default=None,
                         help="comma-separated Host names requests may carry, '*' for any (default: the loopback "
                              "names, plus --host when it is a specific address; any for 0.0.0.0)")
-    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+    parser.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
                         help="open connections at most; beyond: 503 (uvicorn's limit_concurrency)")
-    parser.add_argument("--timeout-keep-alive", type=float, default=DEFAULT_KEEP_ALIVE_S,
+    parser.add_argument("--timeout-keep-alive", type=number(0, low_open=True), default=DEFAULT_KEEP_ALIVE_S,
                         help="seconds an idle keep-alive connection stays open")
-    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+    parser.add_argument("--header-timeout", type=number(0, low_open=True), default=DEFAULT_HEADER_TIMEOUT_S,
                         help="seconds a connection may take to send a request's headers (the body has "
                              f"{DEFAULT_BODY_TIMEOUT_S:g} s)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return parser
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """Refuse flag values the server cannot run with, naming the flag."""
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_batch < 1:
-        raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if args.max_queue < 0:
-        raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.timeout < 0:
-        raise ConfigError(f"--timeout must be >= 0 seconds (0: no limit), got {args.timeout}")
-    for flag in ("max_num_batched_tokens", "max_model_len", "kv_cache_tokens", "block_size", "max_connections"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.kv_cache_fraction is not None and not 0 < args.kv_cache_fraction <= 1:
-        raise ConfigError(f"--kv-cache-fraction must be in (0, 1], got {args.kv_cache_fraction}")
-    for flag in ("timeout_keep_alive", "header_timeout"):
-        if not getattr(args, flag) > 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0 seconds, got {getattr(args, flag)}")
-    if args.max_body_bytes is not None and args.max_body_bytes < 1024:
-        raise ConfigError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
 
 
 def is_loopback(host: str) -> bool:
@@ -119,7 +97,6 @@ def allowed_hosts(host: str, flag: str | None) -> tuple[str, ...] | None:
 
 def serve(args: argparse.Namespace) -> int:
     """Load the model and serve until interrupted."""
-    check_flags(args)
     from komt.serve.app import (
         DEFAULT_MAX_BODY_BYTES,
         create_app,

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from komt.argtypes import non_negative_int, positive_int
 from komt.errors import KomtError
 from komt.model import PRESETS, Transformer, preset
 from komt.model.checkpoint import random_model
@@ -164,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m komt.train.bench", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="smollm2-135m", choices=sorted(PRESETS), help="model shape (default: smollm2-135m)")
-    p.add_argument("--layers", type=int, help="override the number of layers (to fit a small machine)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per example (default: 512)")
-    p.add_argument("--batch-size", type=int, default=1, help="examples per step (default: 1)")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank, on all seven projections (default: 8)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--layers", type=positive_int, help="override the number of layers (to fit a small machine)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per example (default: 512)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="examples per step (default: 1)")
+    p.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank, on all seven projections (default: 8)")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps (default: 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="base weights; bf16 trains under bf16 autocast on CUDA (default: bf16 on CUDA, else fp32)")

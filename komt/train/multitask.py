@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from komt.argtypes import positive_int
 from komt.errors import KomtError
 from komt.train.task_inputs import TaskSpec, convert, parse_task_spec, read_records
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="an input dataset (repeatable); see below")
     parser.add_argument("--output", required=True, help="the mixed JSONL to write (atomically)")
     parser.add_argument("--seed", type=int, default=0, help="seed of templates, sampling and shuffle (default 0)")
-    parser.add_argument("--shuffle-mb", type=int, default=256,
+    parser.add_argument("--shuffle-mb", type=positive_int, default=256,
                         help="memory for the external shuffle, in MB (default 256)")
     args = parser.parse_args(argv)
     try:
