@@ -69,7 +69,7 @@ GEN = f"{sys.executable} -m komt.generate --max-new-tokens 3 --device cpu"
          "kernels triton (from --kernels or KOMT_KERNELS) needs a CUDA device, not cpu; use torch kernels on the CPU"),
         ("{gen} --model {ckpt} --prompt hi --device gpu0", {}, "unknown device 'gpu0'; use cpu, cuda or cuda:N"),
         ("{gen} --model {ckpt} --prompt hi --max-new-tokens 5000", {},
-         "the prompt is {n} tokens and --max-new-tokens 5000: together past the model's context of 4096; "
+         "the prompt has {n} tokens and --max-new-tokens is 5000: together past the model's context of 4096; "
          "use --max-new-tokens {room} or less"),
     ],
     ids=["stdin-closed", "chat-stdin-closed", "stdin-not-utf8", "prompt-not-utf8", "stop-not-utf8", "stdout-dev-full",

@@ -171,7 +171,7 @@ def test_prompt_longer_than_the_context_is_an_error(short_context_checkpoint, mo
     status, out, err = _main(["--model", str(short_context_checkpoint), "--prompt", PROMPT, "--device", "cpu"],
                              monkeypatch=monkeypatch)
     assert status == 2 and out == ""
-    assert re.fullmatch(r"error: the prompt is \d+ tokens; the model's context is 16 \(shorten it\)\n", err), err
+    assert re.fullmatch(r"error: the prompt has \d+ tokens; the model's context is 16 tokens \(shorten it\)\n", err), err
 
 
 def test_missing_tokenizer_is_an_error(checkpoint, tmp_path, monkeypatch):

@@ -39,6 +39,7 @@ import torch
 
 from komt.argtypes import non_negative_int, number, positive_int
 from komt.errors import GenerationError, KomtError
+from komt.generate.context_length import check_context_length
 from komt.model.attention import KERNEL_BACKENDS
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.generate.prompt import PROMPT_FORMATS
@@ -222,15 +223,6 @@ def stream_answer(model, tokenizer, prompt_ids: Sequence[int], args: argparse.Na
     return "".join(pieces)
 
 
-def check_fits(n_prompt: int, max_new_tokens: int, context: int, what: str = "the prompt") -> None:
-    """The prompt and --max-new-tokens together within the context (the library's own rule, named by flag)."""
-    if n_prompt >= context:
-        raise GenerationError(f"{what} is {n_prompt} tokens; the model's context is {context} (shorten it)")
-    if n_prompt + max_new_tokens > context:
-        raise GenerationError(f"{what} is {n_prompt} tokens and --max-new-tokens {max_new_tokens}: together past "
-                              f"the model's context of {context}; use --max-new-tokens {context - n_prompt} or less")
-
-
 def fit_history(fmt, messages: list[dict], context: int, max_new_tokens: int = 0) -> list[int]:
     """Ids of the conversation in the prompt format `fmt`; drops the oldest exchanges (in place) until the
     prompt and the answer's max_new_tokens fit the context."""
@@ -239,7 +231,7 @@ def fit_history(fmt, messages: list[dict], context: int, max_new_tokens: int = 0
         if len(ids) + max_new_tokens <= context or len(messages) <= 1:
             break
         del messages[:2]  # the oldest user message and its answer
-    check_fits(len(ids), max_new_tokens, context, what="the message")
+    check_context_length(len(ids), max_new_tokens, context, what="the message", limit="--max-new-tokens")
     return ids
 
 
@@ -339,7 +331,7 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
     ids = None
     if not want_chat:
         ids = fmt.prompt(prompt.strip())
-        check_fits(len(ids), args.max_new_tokens, context)
+        check_context_length(len(ids), args.max_new_tokens, context, limit="--max-new-tokens")
     model = load_weights(args, folder, stderr)
     raise_on_interrupt()  # loaded: from here Ctrl-C stops an answer (and its stats line prints)
     if want_chat:

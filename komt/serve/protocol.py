@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from komt.errors import GenerationError, KomtError
+from komt.generate.context_length import check_context_length
 from komt.generate.prompt import prompt_format
 from komt.generate.sampling import PENALTY_RANGE, SamplingParams
 from komt.generate.tokenizer import Tokenizer
@@ -162,15 +164,12 @@ def _spec(body: dict[str, Any], prompt_ids: list[int], context: int, prompt_para
         if body.get(field) not in (None, 0):
             raise APIError(f"'{field}' is not supported; use 'repetition_penalty' (> 1 discourages repeats)",
                            param=field)
-    if len(prompt_ids) >= context:
-        raise APIError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context} tokens",
-                       param=prompt_param, code="context_length_exceeded")
-    room = context - len(prompt_ids)
+    check_context_length(len(prompt_ids), 0, context,
+                         error=partial(APIError, param=prompt_param, code="context_length_exceeded"))
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, field, room, lo=1)
-    if max_tokens > room:
-        raise APIError(f"'{field}' is {max_tokens} but the prompt's {len(prompt_ids)} tokens leave room for {room} "
-                       f"in the model's context of {context} tokens", param=field, code="context_length_exceeded")
+    max_tokens = _integer(body, field, context - len(prompt_ids), lo=1)  # default: the rest of the context
+    check_context_length(len(prompt_ids), max_tokens, context, limit=f"'{field}'",
+                         error=partial(APIError, param=field, code="context_length_exceeded"))
     temperature = _number(body, "temperature", 1.0, lo=0.0, hi=2.0)
     top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0)
     if top_p == 0:
