@@ -143,7 +143,7 @@ def open_checkpoint(args: argparse.Namespace):
     return folder, tokenizer, config
 
 
-def load_weights(args: argparse.Namespace, folder: Path, stderr: TextIO):
+def load_requested_model(args: argparse.Namespace, folder: Path, stderr: TextIO):
     """The model on the requested device, in the requested dtype, with a progress bar for big checkpoints."""
     from komt.model.device import requested_device
     from komt.model.load import load_model
@@ -332,7 +332,7 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
     if not want_chat:
         ids = fmt.prompt(prompt.strip())
         check_context_length(len(ids), args.max_new_tokens, context, limit="--max-new-tokens")
-    model = load_weights(args, folder, stderr)
+    model = load_requested_model(args, folder, stderr)
     raise_on_interrupt()  # loaded: from here Ctrl-C stops an answer (and its stats line prints)
     if want_chat:
         first = prompt.strip() if prompt is not None and prompt.strip() else None

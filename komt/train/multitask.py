@@ -65,7 +65,7 @@ from typing import IO
 
 from komt.argtypes import positive_int
 from komt.errors import KomtError
-from komt.train.task_inputs import TaskSpec, convert, parse_task_spec, read_records
+from komt.train.task_inputs import TaskSpec, convert, parse_task_spec, read_task_records
 
 SHUFFLE_FANOUT = 16
 
@@ -106,7 +106,7 @@ def emit_task(spec: TaskSpec, rng: random.Random, seen: set[int], write) -> Task
     """Convert, deduplicate, sample and render one task; `write(line)` receives each output line."""
     stats = TaskStats(spec.text)
     whole, fraction = int(spec.weight), spec.weight - int(spec.weight)
-    for where, record in read_records(spec):
+    for where, record in read_task_records(spec):
         stats.read += 1
         example = convert(spec, where, record)
         if example is None:

@@ -1,7 +1,7 @@
 """The multi-task builder's inputs: parsing a --task spec and reading its records as instruction fields.
 
 `parse_task_spec("cls:reviews.csv:labels=sentiment.json,weight=0.5")` validates the spec once (kind,
-format, columns, label map, templates); `read_records(spec)` streams the input's records (JSONL, CSV/TSV,
+format, columns, label map, templates); `read_task_records(spec)` streams the input's records (JSONL, CSV/TSV,
 or a SQuAD / KorQuAD JSON document) each with its "file:line" for messages; `convert` turns one record into
 the template fields of its task, or None for a record to skip. Every malformed input is a DataError naming
 the file and record. The builder itself (sampling, dedup, shuffle, output) is komt/train/multitask.py.
@@ -147,7 +147,7 @@ def _load_templates(path_text: str, kind: str) -> tuple[str, ...]:
 # ---- reading: (where, record) pairs, `where` being "file:line" for messages ----
 
 
-def read_records(spec: TaskSpec) -> Iterator[tuple[str, dict]]:
+def read_task_records(spec: TaskSpec) -> Iterator[tuple[str, dict]]:
     """Stream the records of one input file."""
     if spec.format == "squad":
         return _read_squad(spec.path)

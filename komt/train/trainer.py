@@ -163,7 +163,7 @@ def _run(config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) 
                                   "lr": result.lr, "grad_norm": result.grad_norm,
                                   "tokens_per_s": result.tokens / elapsed, "tokens": tokens_seen}
         if objective.eval_set and (done % eval_every == 0 or done == total_steps):
-            record.update(evaluate(model, eval_forward, objective, objective.eval_set, config.batch_size, ctx))
+            record.update(held_out_metrics(model, eval_forward, objective, objective.eval_set, config.batch_size, ctx))
             bar.message(f"step {done}: eval loss {record['eval_loss']:.4f}")
         if metrics is not None:
             metrics.write(record)
@@ -216,8 +216,8 @@ def train_step(step_model: torch.nn.Module, forward: Callable, objective, weight
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, forward: Callable, objective, examples: list, batch_size: int,
-             ctx: distributed.DistContext) -> dict[str, float]:
+def held_out_metrics(model: torch.nn.Module, forward: Callable, objective, examples: list, batch_size: int,
+                     ctx: distributed.DistContext) -> dict[str, float]:
     """The objective's metrics over held-out `examples`, as `eval_<name>` (each process scores its share).
 
     Every process runs the same number of forwards (see `shard_chunks`): a sharded model needs that.
