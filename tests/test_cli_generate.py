@@ -223,12 +223,6 @@ def test_progress_bar_for_large_checkpoints():
     assert quiet.getvalue() == ""
 
 
-def test_dtype_defaults():
-    assert cli.resolve_dtype("auto", torch.device("cuda")) == "bf16"
-    assert cli.resolve_dtype("auto", torch.device("cpu")) is None  # the checkpoint's own
-    assert cli.resolve_dtype("fp32", torch.device("cuda")) == "fp32"
-
-
 # ---- a checkpoint with a tokenizer.json and a chat template (SmolLM2's tokenizer files) -------------------
 
 QUESTION = "What is the capital of France?"

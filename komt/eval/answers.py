@@ -60,7 +60,7 @@ class ModelAnswerer:
 
 def load_model_answerer(
     model_path: str, adapter: str | None = None, tokenizer_path: str | None = None,
-    device: str | torch.device | None = None, dtype: str | None = None, quantize: str | None = None,
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, quantize: str | None = None,
     group_size: int | None = None, **settings,
 ) -> ModelAnswerer:
     """Load the checkpoint (and adapter, quantized if asked) and its tokenizer (the checkpoint folder's, unless given)."""

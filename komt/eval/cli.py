@@ -30,6 +30,7 @@ from komt.argtypes import non_negative_int, number, positive_int
 from komt.errors import DataError, KomtError
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.model.device import requested_device
+from komt.model.dtypes import DTYPE_CHOICES, resolve_dtype
 from komt.eval.answers import (
     MODEL_CARD_MAX_NEW_TOKENS,
     MODEL_CARD_SAMPLING,
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--answers", help="JSONL with id and answer: judge these instead of generating")
     source.add_argument("--questions", help="JSONL (id, instruction) or text, one per line (default: komt's 37)")
     source.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    source.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
+    source.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="auto (default): bf16 on CUDA, the checkpoint's dtype on the CPU")
     source.add_argument("--max-new-tokens", type=positive_int, default=MODEL_CARD_MAX_NEW_TOKENS,
                         help=f"default {MODEL_CARD_MAX_NEW_TOKENS} (the model card's)")
     source.add_argument("--seed", type=int, default=0, help="question id i is sampled with seed + i (default 0)")
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     judging.add_argument("--judge-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
     judging.add_argument("--judge-model", help="the model name to send to the judge endpoint")
     judging.add_argument("--api-key-env", help="environment variable holding the key (default OPENAI_API_KEY)")
-    judging.add_argument("--judge-timeout", type=number(0, low_open=True), default=120.0, help="seconds per request (default 120)")
+    judging.add_argument("--judge-timeout", type=number(0, low_open=True), default=120.0,
+                         help="seconds per request (default 120)")
     judging.add_argument("--judge-retries", type=non_negative_int, default=5,
                          help="retries of a failed request, with exponential back-off (default 5)")
     judging.add_argument("--judge-attempts", type=positive_int, default=3,
@@ -122,8 +125,8 @@ def run_evaluation(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         else:
             device = requested_device(args.device)
             answerer = load_model_answerer(
-                args.model, args.adapter, args.tokenizer, device, args.dtype, quantize=args.quantize,
-                group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                args.model, args.adapter, args.tokenizer, device, resolve_dtype(args.dtype, device),
+                quantize=args.quantize, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                 seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             )
             answer = cached_answerer(answerer, output.with_suffix(".answers.jsonl"), questions)
@@ -155,7 +158,8 @@ def run_perplexity(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from komt.eval.perplexity import file_examples, perplexity
     from komt.generate.vocab import check_tokenizer_fits
 
-    model = komt.load_model(args.model, device=requested_device(args.device), dtype=args.dtype,
+    device = requested_device(args.device)
+    model = komt.load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
                             adapter=args.adapter, quantize=args.quantize, group_size=args.group_size)
     tokenizer = komt.load_tokenizer(args.tokenizer or getattr(model, "source_path", args.model))
     check_tokenizer_fits(tokenizer.vocab_size, model.config.vocab_size, tokenizer.source)

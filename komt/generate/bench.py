@@ -30,6 +30,7 @@ import torch
 from komt.argtypes import positive_int
 from komt.errors import KomtError
 from komt.model.attention import KERNEL_BACKENDS
+from komt.model.dtypes import DTYPE_CHOICES
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.model.checkpoint import random_model
 from komt.model.linear import is_linear
@@ -85,10 +86,12 @@ def _check_against_plain(model, plain, prompt: list[int], new_tokens: int, compi
     return f"check: greedy tokens differ from eager decoding without the split GEMV from token {first} of {len(fast)}"
 
 
-def _build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, layout: str):
-    """(model, description) of the benchmarked weights: a checkpoint, or a preset with random weights."""
+def _build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None, layout: str):
+    """(model, description) of the benchmarked weights: a checkpoint, or a preset with random weights;
+    `dtype` None keeps the checkpoint's (a preset's: its config's)."""
     from komt.model.config import preset
     from komt.model.cpu_layouts import use_cpu_layouts
+    from komt.model.dtypes import parse_dtype
     from komt.model.load import choose_kernels, load_model
     from komt.model.quantized_linear import QuantizeSpec
 
@@ -99,7 +102,8 @@ def _build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, l
     name = args.preset or "smollm2-135m"
     overrides = {} if args.window is None else {"sliding_window": args.window}
     spec = QuantizeSpec(args.quantize, args.group_size) if args.quantize else None
-    model = random_model(preset(name, **overrides), device, dtype, args.seed, quantize=spec)
+    config = preset(name, **overrides)
+    model = random_model(config, device, dtype or parse_dtype(config.torch_dtype), args.seed, quantize=spec)
     if layout == "auto" and device.type == "cpu":
         use_cpu_layouts(model)
     model.set_kernels(choose_kernels(device, args.kernels))
@@ -114,14 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=positive_int, default=32)
     p.add_argument("--new-tokens", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=1)
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU, bf16 on CUDA")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto (default): bf16 on CUDA, the checkpoint's (a preset's) dtype on the CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--window", type=positive_int, help="override the preset's sliding window")
     p.add_argument("--threads", type=positive_int, help="torch.set_num_threads (default: torch's, = cores)")
     p.add_argument("--layout", choices=("auto", "plain"), default="auto",
                    help="auto: the CPU decoding layouts (komt.model.cpu_layouts); plain: the layers as loaded")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the linear layers (see komt.load_model)")
-    p.add_argument("--group-size", type=positive_int, help="quantization group size (int8 default: per channel; int4: 32)")
+    p.add_argument("--group-size", type=positive_int,
+                   help="quantization group size (int8 default: per channel; int4: 32)")
     p.add_argument("--kernels", choices=KERNEL_BACKENDS, help="attention/RMSNorm kernels (default: triton on CUDA)")
     compile_group = p.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
@@ -148,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from komt.errors import GenerationError
-    from komt.model.checkpoint import parse_dtype
+    from komt.model.dtypes import resolve_dtype
     from komt.model.device import requested_device
 
     if args.threads:
@@ -156,8 +162,8 @@ def _bench(args: argparse.Namespace) -> int:
     device = requested_device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         raise GenerationError(f"--cuda-graphs needs a CUDA device, not {device}; use --compile on the CPU")
-    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    model, source = _build(args, device, dtype, args.layout)
+    model, source = _build(args, device, resolve_dtype(args.dtype, device), args.layout)
+    dtype = model.model.embed_tokens.weight.dtype  # what auto chose, for the header and for --check
     config = model.config
     layers = sorted({type(m).__name__ for m in model.modules() if is_linear(m)})
     compile_mode = "reduce-overhead" if args.cuda_graphs else "default" if args.compile else None

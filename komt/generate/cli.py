@@ -35,12 +35,12 @@ import time
 from pathlib import Path
 from typing import Sequence, TextIO
 
-import torch
 
 from komt.argtypes import non_negative_int, number, positive_int
 from komt.errors import GenerationError, KomtError
 from komt.generate.context_length import check_context_length
 from komt.model.attention import KERNEL_BACKENDS
+from komt.model.dtypes import DTYPE_CHOICES
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.generate.prompt import PROMPT_FORMATS
 from komt.interrupts import raise_on_interrupt
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--seed", type=int, help="seed for sampling (same seed, same text)")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 on CUDA, the checkpoint's dtype on the CPU")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto (default): bf16 on CUDA, the checkpoint's dtype on the CPU")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply")
     p.add_argument("--kernels", choices=KERNEL_BACKENDS, help="attention/RMSNorm kernels (default: triton on CUDA)")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -92,13 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=COMPILE_MODES, default="off",
                    help="torch.compile the decode step (reduce-overhead = CUDA graphs); compiling takes a while")
     return p
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str | None:
-    """The dtype to load in; None keeps the checkpoint's (see module docstring)."""
-    if dtype != "auto":
-        return dtype
-    return "bf16" if device.type == "cuda" else None
 
 
 # ---- loading --------------------------------------------------------------------------------------------
@@ -146,6 +139,7 @@ def open_checkpoint(args: argparse.Namespace):
 def load_requested_model(args: argparse.Namespace, folder: Path, stderr: TextIO):
     """The model on the requested device, in the requested dtype, with a progress bar for big checkpoints."""
     from komt.model.device import requested_device
+    from komt.model.dtypes import resolve_dtype
     from komt.model.load import load_model
 
     device = requested_device(args.device)  # `gpu0`, or CUDA absent: one error line

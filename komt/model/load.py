@@ -11,9 +11,10 @@ import torch
 from kernels._launch import interpreting
 from komt.errors import CheckpointError, ConfigError
 from komt.model.attention import KERNEL_BACKENDS
-from komt.model.checkpoint import ProgressFn, load_checkpoint, parse_dtype
+from komt.model.checkpoint import ProgressFn, load_checkpoint
 from komt.model.config import ModelConfig
 from komt.model.device import parse_device
+from komt.model.dtypes import parse_dtype
 from komt.model.gguf_model import is_gguf, load_gguf_model
 from komt.model.hub import resolve_model_path
 from komt.model.quantized_linear import QuantizeSpec

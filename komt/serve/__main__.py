@@ -14,6 +14,7 @@ from pathlib import Path
 
 from komt.argtypes import integer, non_negative_int, number, positive_int
 from komt.errors import KomtError
+from komt.model.dtypes import DTYPE_CHOICES
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.serve.connections import (
     DEFAULT_BODY_TIMEOUT_S,
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=integer(0, 65535), default=8000)
     parser.add_argument("--max-batch", type=positive_int, default=8, help="requests running at once")
-    parser.add_argument("--max-queue", type=non_negative_int, default=64, help="requests waiting beyond those; beyond: HTTP 429")
+    parser.add_argument("--max-queue", type=non_negative_int, default=64,
+                        help="requests waiting beyond those; beyond: HTTP 429")
     parser.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                         help="tokens per step, prefill chunks and decode tokens together (default 2048 on CUDA, "
                              "128 on the CPU): smaller keeps running streams smoother while long prompts arrive")
@@ -55,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a request may take, queueing included (0: no limit)")
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", help="fp32, bf16 or fp16 (default: the checkpoint's)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="auto (default): bf16 on CUDA, the checkpoint's dtype on the CPU")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the linear layers while loading")
     parser.add_argument("--group-size", type=positive_int, help="quantization group size (int8: per channel; int4: 32)")
     parser.add_argument("--model-name", help="the name /v1/models reports (default: the folder name)")
@@ -109,13 +112,14 @@ def serve(args: argparse.Namespace) -> int:
     from komt import load_model, load_tokenizer
     from komt.generate.vocab import check_tokenizer_fits
     from komt.model.device import requested_device
+    from komt.model.dtypes import resolve_dtype
     from komt.serve.connections import server_config
     from komt.serve.engine import Engine
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     device = requested_device(args.device)
     # (on the CPU, load_model gives a lone request's decode steps all cores: komt.model.cpu_layouts)
-    model = load_model(args.model, device=device, dtype=args.dtype, adapter=args.adapter,
+    model = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device), adapter=args.adapter,
                        quantize=args.quantize, group_size=args.group_size)
     tokenizer = load_tokenizer(args.tokenizer or model.source_path)
     check_tokenizer_fits(tokenizer.vocab_size, model.config.vocab_size, tokenizer.source)

@@ -33,6 +33,7 @@ from komt.argtypes import non_negative_int, positive_int
 from komt.errors import KomtError
 from komt.model import PRESETS, Transformer, preset
 from komt.model.checkpoint import random_model
+from komt.model.dtypes import DTYPE_CHOICES
 from komt.model.lora import LoRAConfig, count_parameters, inject_lora
 from komt.model.peak_memory import peak_memory_bytes, reset_peak_memory
 from komt.model.quantized_linear import QuantizedLinear, QuantizeSpec
@@ -41,7 +42,7 @@ from komt.train.data import Example
 from komt.train.distributed import DistContext, choose_device
 from komt.train.schedule import cosine_with_warmup
 from komt.train.lora_weights import LoRAWeights
-from komt.train.model_prep import enable_activation_checkpointing, resolve_dtype
+from komt.train.model_prep import enable_activation_checkpointing, training_dtype
 from komt.train.sft import SFTObjective
 from komt.train.trainer import train_step
 
@@ -97,7 +98,7 @@ def format_row(r: BenchRow) -> str:
 def measure(args: argparse.Namespace, base_quantize: str | None) -> BenchRow:
     """Build the model of `args` (its base held `base_quantize`) and time `args.steps` training steps."""
     device = choose_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = training_dtype(args.dtype, device)
     config = TrainConfig(model="<random>", data="<random>", output="<none>", batch_size=args.batch_size,
                          lora_r=args.lora_r, lora_dropout=0.05, dtype=args.dtype, max_seq_len=args.seq_len,
                          warmup_steps=0, base_quantize=base_quantize)
@@ -161,8 +162,7 @@ def _without_base_quantize(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m komt.train.bench", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="smollm2-135m", choices=sorted(PRESETS), help="model shape (default: smollm2-135m)")
     p.add_argument("--layers", type=positive_int, help="override the number of layers (to fit a small machine)")
@@ -172,14 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps (default: 5)")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="base weights; bf16 trains under bf16 autocast on CUDA (default: bf16 on CUDA, else fp32)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--base-quantize", choices=("none", *BASE_QUANTIZE_CHOICES, "all"), default="none",
                    help="hold the frozen base int8 / int4 / nf4 (QLoRA); all: one row each, none included, each "
                         "in a fresh process (default: none)")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one JSON row: what `all` reads
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.base_quantize == "all":
             rest = _without_base_quantize(argv)

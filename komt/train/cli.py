@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from komt.argtypes import non_negative_int, number, positive_int
 from komt.errors import KomtError
 from komt.model.lora import DEFAULT_TARGETS
 from komt.generate.prompt import PROMPT_FORMATS
-from komt.train.config import BASE_QUANTIZE_CHOICES, DPO_LOSSES, DTYPE_CHOICES, DPOConfig, TrainConfig
+from komt.model.dtypes import DTYPE_CHOICES, resolve_dtype
+from komt.train.config import BASE_QUANTIZE_CHOICES, DPO_LOSSES, DPOConfig, TrainConfig
 
 EPILOG = """\
 examples:
@@ -151,7 +154,8 @@ def build_merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="base checkpoint folder or Hugging Face hub id")
     p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder (komt's or PEFT's)")
     p.add_argument("--output", required=True, help="new folder for the merged checkpoint (must not exist)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="dtype of the merged weights (default: the base's)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype of the merged weights; auto (default): the base's (the merge runs on the CPU)")
     p.add_argument("--max-shard-size", type=positive_int, default=5 * 1024**3, metavar="BYTES",
                    help="split weights into safetensors shards of at most this size (default: 5 GiB)")
     p.add_argument("--base-quantize", choices=("auto", "none", *BASE_QUANTIZE_CHOICES), default="auto",
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             from komt.train.merge import merge_adapter
 
             args = build_merge_parser().parse_args(argv[1:])
-            merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+            dtype = resolve_dtype(args.dtype, torch.device("cpu"))  # merge_adapter loads on the CPU
+            merge_adapter(args.model, args.adapter, args.output, dtype=dtype, max_shard_bytes=args.max_shard_size,
                           base_quantize=None if args.base_quantize == "none" else args.base_quantize, log=sys.stderr)
         else:
             from komt.train.trainer import train

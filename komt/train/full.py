@@ -41,7 +41,7 @@ from komt.model.lora import count_parameters
 from komt.train import distributed
 from komt.train.checkpoint import new_checkpoint_folder, publish_checkpoint
 from komt.train.config import TrainConfig
-from komt.train.model_prep import (autocast, check_vocabulary, enable_activation_checkpointing, resolve_dtype,
+from komt.train.model_prep import (autocast, check_vocabulary, enable_activation_checkpointing, training_dtype,
                                    uses_autocast)
 from komt.train.progress import say
 
@@ -55,7 +55,7 @@ class FullWeights:
 
     def __init__(self, config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) -> None:
         self.config, self.ctx, self.log = config, ctx, log
-        self.dtype = resolve_dtype(config.dtype, ctx.device)  # compute and saved dtype
+        self.dtype = training_dtype(config.dtype, ctx.device)  # compute and saved dtype
         self.sharded = ctx.enabled
         self.model_path: Path | None = None
 

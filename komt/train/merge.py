@@ -33,7 +33,7 @@ from typing import TextIO
 import torch
 
 from komt.errors import ConfigError
-from komt.model.checkpoint import parse_dtype
+from komt.model.dtypes import parse_dtype
 from komt.model.checkpoint_writer import MAX_SHARD_BYTES, check_new_output, write_checkpoint, write_folder_atomically
 from komt.model.hub import resolve_model_path
 from komt.model.load import load_model

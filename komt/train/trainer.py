@@ -44,8 +44,8 @@ from komt.train.progress import LOSS_CURVE_FILE, METRICS_FILE, MetricsLog, Progr
 from komt.train.run_folder import TRAIN_CONFIG, inspect_output
 from komt.train.schedule import cosine_with_warmup
 
-# The re-exports keep `from komt.train.trainer import resolve_dtype, ...` working for older callers.
-from komt.train.model_prep import autocast, enable_activation_checkpointing, resolve_dtype  # noqa: F401
+# The re-exports keep `from komt.train.trainer import autocast, ...` working for older callers.
+from komt.train.model_prep import autocast, enable_activation_checkpointing  # noqa: F401
 
 
 @dataclass
