@@ -11,9 +11,7 @@ stored. A head that was quantized separately from a tied embedding is stored as 
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -21,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from komt.atomic import current_umask, write_json_atomic
+from komt.atomic import new_temp_folder, publish_folder, write_json_atomic
 from komt.errors import CheckpointError
 from komt.model.nf4 import NF4Linear
 from komt.model.quantized_linear import QuantizedLinear
@@ -94,21 +92,25 @@ def check_new_output(output: Path, flag: str = "--output") -> None:
         raise CheckpointError(f"{flag} {output} already exists and is not an empty folder; choose a new one")
 
 
+def copy_tokenizer_files(source: Path, folder: Path) -> None:
+    """The source checkpoint's tokenizer files (those it has) into `folder`: the new one reads text as it did."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+
+
 def write_folder_atomically(output: Path, fill: Callable[[Path], None], copy_from: Path | None = None) -> Path:
     """Build a folder with `fill(tmp)` (plus the tokenizer files of `copy_from`) and rename it to `output`."""
     check_new_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    tmp = new_temp_folder(output)
     try:
         fill(tmp)
-        for name in TOKENIZER_FILES if copy_from is not None else ():
-            if (copy_from / name).is_file():
-                shutil.copyfile(copy_from / name, tmp / name)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+        if copy_from is not None:
+            copy_tokenizer_files(copy_from, tmp)
         if output.exists():
             output.rmdir()  # empty (checked above)
-        os.replace(tmp, output)
+        return publish_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return output

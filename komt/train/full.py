@@ -34,7 +34,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from komt.model.checkpoint import build_empty_model
-from komt.model.checkpoint_writer import TOKENIZER_FILES, write_checkpoint
+from komt.model.checkpoint_writer import copy_tokenizer_files, write_checkpoint
 from komt.model.config import ModelConfig
 from komt.model.load import load_model
 from komt.model.lora import count_parameters
@@ -208,9 +208,7 @@ def export_checkpoint(config: ModelConfig, state: dict[str, torch.Tensor], outpu
     tmp = new_checkpoint_folder(output, "final")
     try:
         write_checkpoint(model, tmp)
-        for name in TOKENIZER_FILES:  # the base's tokenizer, so the folder is complete on its own
-            if (source / name).is_file():
-                shutil.copyfile(source / name, tmp / name)
+        copy_tokenizer_files(source, tmp)  # the base's tokenizer, so the folder is complete on its own
         for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
             os.replace(tmp / name, output / name)
     finally:
