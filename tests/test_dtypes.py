@@ -36,7 +36,7 @@ def test_every_command_offers_the_same_dtype_choices_with_auto_by_default():
     from komt.eval.cli import build_parser as eval_parser
     from komt.generate.bench import build_parser as bench_parser
     from komt.generate.cli import build_parser as generate_parser
-    from komt.serve.__main__ import build_parser as serve_parser
+    from komt.serve.cli import build_parser as serve_parser
     from komt.train.bench import build_parser as train_bench_parser
     from komt.train.cli import build_dpo_parser, build_merge_parser, build_train_parser
 

@@ -453,7 +453,7 @@ def _env():
 
 
 def test_cli_reports_bad_input_as_one_error_line_and_bad_flags_as_argparse_does(tmp_path, capsys):
-    from komt.serve.__main__ import main
+    from komt.serve.cli import main
 
     assert main(["--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
@@ -468,7 +468,7 @@ def test_cli_reports_bad_input_as_one_error_line_and_bad_flags_as_argparse_does(
 
 
 def test_missing_serve_extra_names_the_install_command(monkeypatch, tmp_path, capsys):
-    from komt.serve.__main__ import main
+    from komt.serve.cli import main
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: import raises ImportError
     assert main(["--model", str(tmp_path)]) == 2

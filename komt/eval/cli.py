@@ -27,7 +27,9 @@ import sys
 from pathlib import Path
 
 from komt.argtypes import non_negative_int, number, positive_int
-from komt.errors import DataError, KomtError
+from komt.entry_point import run_entry_point
+from komt.errors import DataError
+from komt.interrupts import raise_on_interrupt
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.model.device import requested_device
 from komt.model.dtypes import DTYPE_CHOICES, resolve_dtype
@@ -92,16 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.perplexity:
-            return run_perplexity(args, parser)
-        return run_evaluation(args, parser)
-    except KomtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; run the same command again to resume from {args.output}", file=sys.stderr)
-        return 130
+    raise_on_interrupt()  # imported: from here Ctrl-C stops the run the ordinary way (each record is on disk)
+    if args.perplexity:
+        return run_entry_point(lambda: run_perplexity(args, parser))
+    return run_entry_point(lambda: run_evaluation(args, parser),
+                           interrupted=f"\ninterrupted; run the same command again to resume from {args.output}")
 
 
 def run_evaluation(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

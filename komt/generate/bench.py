@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from typing import Sequence
 
 import torch
 
 from komt.argtypes import positive_int
-from komt.errors import KomtError
+from komt.entry_point import run_entry_point
 from komt.model.attention import KERNEL_BACKENDS
 from komt.model.dtypes import DTYPE_CHOICES
 from komt.model.quantized_linear import QUANTIZE_CHOICES
@@ -142,14 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _bench(args)
-    except KomtError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    return run_entry_point(lambda: _bench(args))
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ from typing import Sequence, TextIO
 
 
 from komt.argtypes import non_negative_int, number, positive_int
+from komt.entry_point import run_entry_point
 from komt.errors import GenerationError, KomtError
 from komt.generate.context_length import check_context_length
 from komt.model.attention import KERNEL_BACKENDS
@@ -345,20 +346,14 @@ def _silence_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)  # bad flags: usage line + exit 2 (argparse)
-        if sys.stdout is None:  # started with `>&-`
-            print("error: stdout is closed; redirect it to a file or /dev/null", file=sys.stderr)
-            return 2
-        if hasattr(sys.stdin, "reconfigure"):
-            sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes reach check_utf8, not a traceback
-        return run(args, sys.stdin, sys.stdout, sys.stderr)
-    except KomtError as err:
-        print(f"error: {err}", file=sys.stderr)
+    args = build_parser().parse_args(argv)  # bad flags: usage line + exit 2 (argparse)
+    if sys.stdout is None:  # started with `>&-`
+        print("error: stdout is closed; redirect it to a file or /dev/null", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes reach check_utf8, not a traceback
+    try:
+        return run_entry_point(lambda: run(args, sys.stdin, sys.stdout, sys.stderr))  # bad input: 2, Ctrl-C: 130
     except OutputError as err:
         print(f"error: cannot write the answer to stdout: {err}", file=sys.stderr)
         _silence_stdout()

@@ -1,7 +1,8 @@
 """`python -m komt.serve --model M`: load a model, start the batching engine, serve HTTP with uvicorn.
 
-A thin shell over `Engine` and `create_app`: parse flags, load, serve. Bad input (a missing checkpoint, a
-bad flag value, the `serve` extra not installed) prints `error: <message>` and exits 2.
+A thin shell over `Engine` and `create_app`: parse flags, load, serve. Bad input (a missing checkpoint, the
+`serve` extra not installed) prints `error: <message>` and exits 2 (a bad flag value: argparse's usage
+line, also 2); Ctrl-C while it starts is 130 (komt/serve/__main__.py), once serving uvicorn's shutdown.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from pathlib import Path
 
 from komt.argtypes import integer, non_negative_int, number, positive_int
-from komt.errors import KomtError
+from komt.entry_point import run_entry_point
+from komt.interrupts import raise_on_interrupt
 from komt.model.dtypes import DTYPE_CHOICES
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.serve.connections import (
@@ -140,18 +142,11 @@ def serve(args: argparse.Namespace) -> int:
     config = server_config(app, host=args.host, port=args.port, log_level=args.log_level,
                            max_connections=args.max_connections, keep_alive=args.timeout_keep_alive,
                            header_timeout=args.header_timeout)
+    raise_on_interrupt()  # loaded: uvicorn takes Ctrl-C over for a graceful shutdown
     uvicorn.Server(config).run()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return serve(args)
-    except KomtError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_entry_point(lambda: serve(args))

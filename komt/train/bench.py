@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from komt.argtypes import non_negative_int, positive_int
+from komt.entry_point import run_entry_point
 from komt.errors import KomtError
 from komt.model import PRESETS, Transformer, preset
 from komt.model.checkpoint import random_model
@@ -182,18 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    try:
-        if args.base_quantize == "all":
-            rest = _without_base_quantize(argv)
-            rows = [measure_in_fresh_process(rest, base) for base in ("none", *BASE_QUANTIZE_CHOICES)]
-        else:
-            rows = [measure(args, None if args.base_quantize == "none" else args.base_quantize)]
-    except KomtError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def bench(args: argparse.Namespace, argv: list[str]) -> int:
+    """Measure (every base quantization in its own process with `all`) and print the table."""
+    if args.base_quantize == "all":
+        rest = _without_base_quantize(argv)
+        rows = [measure_in_fresh_process(rest, base) for base in ("none", *BASE_QUANTIZE_CHOICES)]
+    else:
+        rows = [measure(args, None if args.base_quantize == "none" else args.base_quantize)]
     if args.json:
         print(json.dumps(asdict(rows[0])))
         return 0
@@ -207,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
           f"tensors; peak mem = {'CUDA allocator max' if 'cpu' not in r.device else 'process peak RSS'} over a step"
           f"{', each setting in its own process' if len(rows) > 1 else ''})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    return run_entry_point(lambda: bench(args, argv))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ import sys
 import torch
 
 from komt.argtypes import non_negative_int, number, positive_int
+from komt.entry_point import run_entry_point
 from komt.errors import KomtError
+from komt.interrupts import raise_on_interrupt
 from komt.model.lora import DEFAULT_TARGETS
 from komt.generate.prompt import PROMPT_FORMATS
+from komt.model.checkpoint_writer import MAX_SHARD_BYTES
 from komt.model.dtypes import DTYPE_CHOICES, resolve_dtype
 from komt.train.config import BASE_QUANTIZE_CHOICES, DPO_LOSSES, DPOConfig, TrainConfig
 
@@ -54,8 +57,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-class UsageError(Exception):
-    pass
+class UsageError(KomtError):
+    """A bad command line: printed as one `error: ...` line like every other bad input."""
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -156,7 +159,7 @@ def build_merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="new folder for the merged checkpoint (must not exist)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="dtype of the merged weights; auto (default): the base's (the merge runs on the CPU)")
-    p.add_argument("--max-shard-size", type=positive_int, default=5 * 1024**3, metavar="BYTES",
+    p.add_argument("--max-shard-size", type=positive_int, default=MAX_SHARD_BYTES, metavar="BYTES",
                    help="split weights into safetensors shards of at most this size (default: 5 GiB)")
     p.add_argument("--base-quantize", choices=("auto", "none", *BASE_QUANTIZE_CHOICES), default="auto",
                    help="the base quantization the adapter was trained on (QLoRA): the adapter is folded into "
@@ -185,25 +188,31 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**common, max_seq_len=args.max_seq_len)
 
 
+def merge(argv: list[str]) -> int:
+    from komt.train.merge import merge_adapter
+
+    args = build_merge_parser().parse_args(argv)
+    raise_on_interrupt()  # imported: a Ctrl-C must reach the folder writer's cleanup
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))  # merge_adapter loads on the CPU
+    merge_adapter(args.model, args.adapter, args.output, dtype=dtype, max_shard_bytes=args.max_shard_size,
+                  base_quantize=None if args.base_quantize == "none" else args.base_quantize, log=sys.stderr)
+    return 0
+
+
+def train_command(argv: list[str]) -> int:
+    from komt.train.trainer import train
+
+    dpo = argv[:1] == ["dpo"]
+    parser = build_dpo_parser() if dpo else build_train_parser()
+    config = config_from_args(parser.parse_args(argv[1:] if dpo else argv))
+    raise_on_interrupt()  # imported: from here Ctrl-C stops the run the ordinary way (checkpoints are atomic)
+    train(config, log=sys.stderr)  # this stderr (a default would be the one of the trainer's first import)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["merge"]:
-            from komt.train.merge import merge_adapter
-
-            args = build_merge_parser().parse_args(argv[1:])
-            dtype = resolve_dtype(args.dtype, torch.device("cpu"))  # merge_adapter loads on the CPU
-            merge_adapter(args.model, args.adapter, args.output, dtype=dtype, max_shard_bytes=args.max_shard_size,
-                          base_quantize=None if args.base_quantize == "none" else args.base_quantize, log=sys.stderr)
-        else:
-            from komt.train.trainer import train
-
-            parser = build_dpo_parser() if argv[:1] == ["dpo"] else build_train_parser()
-            train(config_from_args(parser.parse_args(argv[1:] if argv[:1] == ["dpo"] else argv)))
-    except (KomtError, UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted (resume with --resume from the last checkpoint)", file=sys.stderr)
-        return 130
-    return 0
+    if argv[:1] == ["merge"]:
+        return run_entry_point(lambda: merge(argv[1:]))
+    return run_entry_point(lambda: train_command(argv),
+                           interrupted="error: interrupted (resume with --resume from the last checkpoint)")
