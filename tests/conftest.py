@@ -75,11 +75,17 @@ def match_kernels_to_interpreter() -> None:
     from kernels._launch import interpreting
 
     want = interpreting()
-    for name in [n for n in sys.modules if n.startswith("kernels.")]:  # import order: dependencies first
-        module = sys.modules[name]
-        made = [v for v in vars(module).values() if isinstance(v, (JITFunction, InterpretedFunction))]
-        if any(isinstance(v, InterpretedFunction) != want for v in made):
+
+    def stale() -> list:
+        """Kernel modules holding a kernel of the other kind, made there or imported (a shared jit helper)."""
+        modules = [sys.modules[n] for n in list(sys.modules) if n.startswith("kernels.")]
+        return [m for m in modules if any(isinstance(v, InterpretedFunction) != want for v in vars(m).values()
+                                          if isinstance(v, (JITFunction, InterpretedFunction)))]
+
+    for _ in range(3):  # a module that imports another's jit helper may be reloaded before it: once more then
+        for module in stale():
             importlib.reload(module)
+    assert not stale(), "kernel modules still hold kernels made under the other TRITON_INTERPRET"
 
 
 @contextlib.contextmanager
