@@ -144,3 +144,15 @@ def read_json(path: str | os.PathLike, error: type[KomtError] = ConfigError, lin
     except OSError as err:
         raise error(f"{path}: cannot read: {err.strerror or err}") from None
     return parse_json(data, str(path), error, line)
+
+
+def read_json_object(path: str | os.PathLike, error: type[KomtError] = ConfigError) -> dict[str, Any]:
+    """The JSON object in an optional file such as tokenizer_config.json: {} when `path` is not there, else
+    `read_json`'s content, which must be an object."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = read_json(path, error)
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
