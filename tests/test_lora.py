@@ -85,17 +85,22 @@ def test_peft_fixture_adapter_reproduces_expected_logits(expected):
     assert (logits_of(komt.load_model(BASE), input_ids) - want).abs().max() > 0.1
 
 
-def test_loaded_adapter_equals_explicitly_added_delta_weights(expected):
-    """Independent of LoRALinear's forward: W + (alpha/r) B A written into a plain model gives the same logits."""
-    input_ids, want = expected
-    model = komt.load_model(BASE)
-    f = SafetensorsFile(ADAPTER / "adapter_model.safetensors")
+def add_adapter_by_hand(model: nn.Module, adapter: Path, scale: float) -> nn.Module:
+    """`model` with W += scale * B A written into each plain weight from a PEFT adapter folder's file: the
+    adapter's effect computed without LoRALinear."""
+    f = SafetensorsFile(adapter / "adapter_model.safetensors")
     with torch.no_grad():
         for key in f.keys():
             if ".lora_A." in key:
                 module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                b = f.tensor(key.replace("lora_A", "lora_B"))
-                model.get_submodule(module).weight += (32 / 8) * b @ f.tensor(key)
+                model.get_submodule(module).weight += scale * f.tensor(key.replace("lora_A", "lora_B")) @ f.tensor(key)
+    return model
+
+
+def test_loaded_adapter_equals_explicitly_added_delta_weights(expected):
+    """Independent of LoRALinear's forward: W + (alpha/r) B A written into a plain model gives the same logits."""
+    input_ids, want = expected
+    model = add_adapter_by_hand(komt.load_model(BASE), ADAPTER, scale=32 / 8)
     assert torch.allclose(logits_of(model, input_ids), want, atol=1e-4, rtol=0)
 
 
@@ -296,13 +301,7 @@ def test_adapter_on_some_projections_only(tmp_path, expected):
     assert isinstance(model.model.layers[0].self_attn.k_proj, LoRALinear)
     assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
     assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
-    reference = komt.load_model(BASE)
-    f = SafetensorsFile(folder / "adapter_model.safetensors")
-    with torch.no_grad():
-        for key in f.keys():
-            if ".lora_A." in key:
-                module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                reference.get_submodule(module).weight += 4.0 * f.tensor(key.replace("lora_A", "lora_B")) @ f.tensor(key)
+    reference = add_adapter_by_hand(komt.load_model(BASE), folder, scale=4.0)
     assert torch.allclose(logits_of(model, input_ids), logits_of(reference, input_ids), atol=1e-4, rtol=0)
 
 

@@ -452,18 +452,23 @@ def _env():
     return env
 
 
-def test_cli_reports_bad_input_as_one_error_line(tmp_path, capsys):
-    from komt.serve.__main__ import main
+def test_cli_reports_bad_input_as_one_error_line_and_bad_flags_as_argparse_does(tmp_path, capsys):
+    from komt.serve.cli import main
 
-    for argv in (["--model", str(tmp_path / "missing")], ["--model", str(tmp_path), "--max-batch", "0"],
-                 ["--model", str(tmp_path), "--timeout", "-1"]):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert main(["--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for flag, value, message in (("--max-batch", "0", "must be a positive integer, got '0'"),
+                                 ("--timeout", "-1", "must be a number in [0, inf), got '-1'"),
+                                 ("--port", "70000", "must be an integer in [0, 65535], got '70000'")):
+        with pytest.raises(SystemExit) as exit_info:  # argparse's: its usage line, then the error
+            main(["--model", str(tmp_path), flag, value])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {message}")
 
 
 def test_missing_serve_extra_names_the_install_command(monkeypatch, tmp_path, capsys):
-    from komt.serve.__main__ import main
+    from komt.serve.cli import main
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: import raises ImportError
     assert main(["--model", str(tmp_path)]) == 2

@@ -198,7 +198,7 @@ def test_a_huge_context_config_is_refused_with_one_line(tmp_path, capsys):
     from conftest import write_checkpoint
 
     from komt.model import Transformer, preset
-    from komt.serve.__main__ import main
+    from komt.serve.cli import main
 
     model = Transformer(preset("tiny-mistral-32k", sliding_window=None, max_position_embeddings=10**9))
     write_checkpoint(model, tmp_path / "huge", tokenizer=True)

@@ -197,7 +197,7 @@ def test_allowed_hosts_admit_a_deployment_name(model, tokenizer):
 
 
 def test_allowed_hosts_follow_the_bind_address():
-    from komt.serve.__main__ import allowed_hosts
+    from komt.serve.cli import allowed_hosts
 
     assert allowed_hosts("127.0.0.1", None) == ("127.0.0.1", "localhost", "::1")
     assert allowed_hosts("10.0.0.5", None) == ("10.0.0.5", "127.0.0.1", "localhost", "::1")

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from training_runs import environment, metrics, sigkill_after
 
 import komt
 from komt.errors import ConfigError
@@ -47,12 +45,6 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
     shutil.copy(FIXTURES / "tiny-tokenizer" / "tokenizer.model", base / "tokenizer.model")
     reference = merge_adapter(base, FIXTURES / "tiny-mistral-lora", root / "reference", log=None)
     return base, reference
-
-
-def metrics(output: Path) -> list[dict]:
-    path = output / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.endswith("}")]
 
 
 def dpo(base: Path, output: Path, **overrides) -> list[dict]:
@@ -154,11 +146,6 @@ def command(base: Path, output: Path, *extra: str) -> list[str]:
             "--lr", "1e-2", "--warmup-steps", "2", "--seed", "5", "--eval-split", "0.2", "--eval-every", "4", *extra]
 
 
-def environment() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                OMP_NUM_THREADS="1")
-
-
 def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
     fa, fb = SafetensorsFile(a / "adapter_model.safetensors"), SafetensorsFile(b / "adapter_model.safetensors")
     assert fa.keys() == fb.keys()
@@ -173,14 +160,7 @@ def test_sigkilled_dpo_run_resumes_to_the_uninterrupted_adapter(folders, tmp_pat
     straight = tmp_path / "straight"
     subprocess.run(command(base, straight), env=environment(), check=True, capture_output=True, timeout=300)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(base, killed), env=environment(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline and len(metrics(killed)) < 6:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    sigkill_after(command(base, killed), killed, steps=6)
     assert not (killed / "adapter_model.safetensors").exists() and (killed / "checkpoint-4").is_dir()
     resumed = subprocess.run(command(base, killed, "--resume"), env=environment(), capture_output=True, text=True,
                              timeout=300)

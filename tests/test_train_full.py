@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_checkpoint
+from training_runs import environment, metrics
 import torch
 
 import komt
@@ -47,21 +48,10 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     return base, data
 
 
-def environment() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                OMP_NUM_THREADS="1")
-
-
 def command(base: Path, data: Path, output: Path, nproc: int, *extra: str) -> list[str]:
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []
     return [sys.executable, *launcher, "-m", "komt.train", "--model", str(base), "--data", str(data), "--output",
             str(output), *FLAGS, "--batch-size", str(4 // nproc), *extra]
-
-
-def metrics(output: Path) -> list[dict]:
-    path = output / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.endswith("}")]
 
 
 def assert_same_curve(got: list[dict], want: list[dict], tolerance: float = 3e-5) -> None:

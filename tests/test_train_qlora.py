@@ -13,17 +13,15 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, write_checkpoint
+from training_runs import environment, metrics, sigkill_after
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,7 +49,6 @@ from komt.train.schedule import cosine_with_warmup
 from komt.train.sft import SFTObjective
 from komt.train.trainer import train_step
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("int8", "int4", "nf4")
 VARIANT = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
 # The real 32000-token vocabulary (the tokenizer needs it); every input size a multiple of 64, so each method
@@ -92,12 +89,6 @@ def config(base: Path, data: Path, output: Path, **overrides) -> TrainConfig:
     settings = dict(max_steps=4, batch_size=4, lr=1e-2, warmup_steps=1, save_every=1000, seed=0)
     settings.update(overrides)
     return TrainConfig(model=str(base), data=str(data), output=str(output), **settings)
-
-
-def metrics(output: Path) -> list[dict]:
-    path = output / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.endswith("}")]
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -382,11 +373,6 @@ def test_dpo_reference_is_the_quantized_base_and_training_drives_accuracy_to_one
 
 # --- resume after SIGKILL, DDP, the bench ----------------------------------------------------------------
 
-def environment() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                OMP_NUM_THREADS="1")
-
-
 def command(base: Path, data: Path, output: Path, *extra: str) -> list[str]:
     # dropout on (0.05): the resumed run must also restore the RNG that draws its masks
     return [sys.executable, "-m", "komt.train", "--model", str(base), "--data", str(data), "--output", str(output),
@@ -399,14 +385,7 @@ def test_sigkilled_qlora_run_resumes_to_the_uninterrupted_adapter_and_refuses_an
     straight = tmp_path / "straight"
     subprocess.run(command(base, data, straight), env=environment(), check=True, capture_output=True, timeout=300)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(base, data, killed), env=environment(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline and len(metrics(killed)) < 6:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    sigkill_after(command(base, data, killed), killed, steps=6)
     assert not (killed / "adapter_model.safetensors").exists() and (killed / "checkpoint-4").is_dir()
 
     other = subprocess.run(command(base, data, killed, "--resume", "--base-quantize", "int8"), env=environment(),

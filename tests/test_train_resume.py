@@ -4,21 +4,18 @@ with the adapter (and the metrics) of a run that was never interrupted."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import write_checkpoint
+from training_runs import environment, metrics, sigkill_after
 import torch
 
 from komt.model import Transformer, preset
 from komt.model.safetensors_file import SafetensorsFile
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY, KILL_AFTER_STEP = 24, 4, 10
 # The real 32000-token vocabulary (the tokenizer needs it) on a model narrow enough for quick CPU steps.
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
@@ -46,21 +43,6 @@ def command(base: Path, data: Path, output: Path, *extra: str) -> list[str]:
             "--lr", "5e-3", "--warmup-steps", "3", "--seed", "7", *extra]
 
 
-def environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"  # a tiny model: more threads only add synchronisation (and on a busy machine, stalls)
-    return env
-
-
-def metrics(output: Path) -> list[dict]:
-    path = output / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [json.loads(line) for line in lines if line.endswith("}")]
-
-
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(setup, tmp_path):
     base, data = setup
@@ -68,16 +50,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(setup, tmp_path):
     subprocess.run(command(base, data, straight), env=environment(), check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(base, data, killed), env=environment(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if len(metrics(killed)) >= KILL_AFTER_STEP:  # past checkpoint-8, mid-way to checkpoint-12
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    sigkill_after(command(base, data, killed), killed, steps=KILL_AFTER_STEP)  # past checkpoint-8, before 12
     assert not (killed / "adapter_model.safetensors").exists()
     logged = len(metrics(killed))
     assert KILL_AFTER_STEP <= logged < STEPS
@@ -110,14 +83,7 @@ def test_run_sigkilled_before_its_first_checkpoint_is_taken_over_by_a_fresh_run(
     subprocess.run(command(base, data, straight, *short), env=environment(), check=True, capture_output=True,
                    timeout=300)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(base, data, killed, *short), env=environment(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline and len(metrics(killed)) < 2:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    sigkill_after(command(base, data, killed, *short), killed, steps=2)
     assert (killed / "train_config.json").exists() and not list(killed.glob("checkpoint-*"))
 
     again = subprocess.run(command(base, data, killed, *short), env=environment(), capture_output=True, text=True,

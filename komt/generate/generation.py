@@ -27,6 +27,7 @@ import torch
 
 from komt.errors import GenerationError
 from komt.generate.cache import KVCache
+from komt.generate.context_length import check_context_length
 from komt.generate.decoding import DecodingState, sample_next
 from komt.generate.sampling import SamplingParams
 
@@ -161,7 +162,7 @@ def mark_static(cache: KVCache) -> None:
 
 def _check_request(model, prompt_ids: Sequence[int], max_new_tokens: int) -> int:
     """Validate a prompt and its max_new_tokens, which must fit the context together (an error, not a
-    silent cut: the CLI and the server apply the same rule); return max_new_tokens."""
+    silent cut: komt.generate.context_length, the CLI's and the server's rule too); return max_new_tokens."""
     if len(prompt_ids) == 0:
         raise GenerationError("the prompt is empty")
     if max_new_tokens < 0:
@@ -170,13 +171,7 @@ def _check_request(model, prompt_ids: Sequence[int], max_new_tokens: int) -> int
     bad = [i for i in prompt_ids if not 0 <= int(i) < vocab]
     if bad:
         raise GenerationError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
-    context = model.config.max_position_embeddings
-    if len(prompt_ids) >= context:
-        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")
-    if len(prompt_ids) + max_new_tokens > context:
-        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens and max_new_tokens is {max_new_tokens}: "
-                              f"together past the model's context of {context}; use max_new_tokens "
-                              f"{context - len(prompt_ids)} or less")
+    check_context_length(len(prompt_ids), max_new_tokens, model.config.max_position_embeddings)
     return max_new_tokens
 
 

@@ -18,7 +18,6 @@ tokens ship); without a tokenizer.json such a folder is an error, since sentence
 
 from __future__ import annotations
 
-import json
 import os
 import unicodedata
 from collections.abc import Iterable
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from komt.errors import TokenizerError
-from komt.jsonutil import require_regular_file
+from komt.jsonutil import read_json_object, require_regular_file
 from komt.generate.tokenizer_files import TokenizerSettings, read_tokenizer_settings
 
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -135,9 +134,5 @@ def _load_folder(folder: Path, settings: TokenizerSettings) -> Tokenizer:
 
 def _added_token_ids(file: Path) -> list[int]:
     """The ids of tokenizer.json's added tokens, read without building the tokenizer."""
-    require_regular_file(file, TokenizerError)  # a FIFO would block in read_text
-    try:
-        spec = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"cannot read {file}: {err}; re-download it") from None
+    spec = read_json_object(file, TokenizerError)  # strict; a FIFO is refused, not opened
     return [t["id"] for t in spec.get("added_tokens") or [] if isinstance(t, dict) and isinstance(t.get("id"), int)]

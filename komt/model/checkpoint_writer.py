@@ -11,10 +11,7 @@ stored. A head that was quantized separately from a tied embedding is stored as 
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -22,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from komt.atomic import current_umask, write_text_atomic
+from komt.atomic import new_temp_folder, publish_folder, write_json_atomic
 from komt.errors import CheckpointError
 from komt.model.nf4 import NF4Linear
 from komt.model.quantized_linear import QuantizedLinear
@@ -53,23 +50,25 @@ def write_checkpoint(model: nn.Module, folder: Path, max_shard_bytes: int = MAX_
             "group_sizes": sorted({m.group_size for m in quantized}),
             "format": "komt canonical int8/int4 (komt.model.quant); load with komt.load_model",
         }
-    write_text_atomic(folder / "config.json", json.dumps(raw, indent=2) + "\n")
+    write_json_atomic(folder / "config.json", raw)
     shards = split_into_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         write_safetensors(folder / "model.safetensors", shards[0], metadata={"format": "pt"})
         return
     weight_map = {}
     for k, shard in enumerate(shards, start=1):
-        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        filename = shard_file_name(k, len(shards))
         write_safetensors(folder / filename, shard, metadata={"format": "pt"})
         weight_map.update({name: filename for name, _ in shard})
     total = sum(t.numel() * t.element_size() for _, t in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    write_text_atomic(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    write_json_atomic(folder / "model.safetensors.index.json", index)
 
 
 def split_into_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups of at most `max_bytes` each (a single larger tensor gets a shard of its own)."""
+    """Consecutive groups of at most `max_bytes` each (a single larger tensor gets a shard of its own).
+
+    Only shapes and dtypes are read, so meta tensors plan the shards of a checkpoint not yet made."""
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, t in tensors:
@@ -82,27 +81,36 @@ def split_into_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -
     return shards
 
 
+def shard_file_name(k: int, n: int, stem: str = "model", suffix: str = "safetensors") -> str:
+    """Hugging Face's name for shard k of n (from 1): `model-00001-of-00003.safetensors`."""
+    return f"{stem}-{k:05d}-of-{n:05d}.{suffix}"
+
+
 def check_new_output(output: Path, flag: str = "--output") -> None:
     """Refuse to write over anything: the output must not exist, or be an empty folder."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise CheckpointError(f"{flag} {output} already exists and is not an empty folder; choose a new one")
 
 
+def copy_tokenizer_files(source: Path, folder: Path) -> None:
+    """The source checkpoint's tokenizer files (those it has) into `folder`: the new one reads text as it did."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+
+
 def write_folder_atomically(output: Path, fill: Callable[[Path], None], copy_from: Path | None = None) -> Path:
     """Build a folder with `fill(tmp)` (plus the tokenizer files of `copy_from`) and rename it to `output`."""
     check_new_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    tmp = new_temp_folder(output)
     try:
         fill(tmp)
-        for name in TOKENIZER_FILES if copy_from is not None else ():
-            if (copy_from / name).is_file():
-                shutil.copyfile(copy_from / name, tmp / name)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+        if copy_from is not None:
+            copy_tokenizer_files(copy_from, tmp)
         if output.exists():
             output.rmdir()  # empty (checked above)
-        os.replace(tmp, output)
+        return publish_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return output

@@ -21,7 +21,6 @@ layer of the right shape, or it is a `CheckpointError` naming it. PEFT features 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from komt.atomic import write_text_atomic
+from komt.atomic import write_json_atomic
 from komt.jsonutil import read_json
 from komt.errors import CheckpointError, ConfigError
 from komt.model.linear import dense_weight, is_linear, replace_module
@@ -348,7 +347,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, config: LoRAConfig
     if not state:
         raise ConfigError("the model has no LoRA layers to save")
     write_safetensors(folder / ADAPTER_WEIGHTS, [(PEFT_PREFIX + k, v.detach()) for k, v in state.items()])
-    write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config.to_peft_dict(base_model_name_or_path), indent=2) + "\n")
+    write_json_atomic(folder / ADAPTER_CONFIG, config.to_peft_dict(base_model_name_or_path))
 
 
 def read_adapter_config(folder: str | os.PathLike) -> LoRAConfig:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from komt.errors import ConfigError
+from komt.jsonutil import is_int
 from komt.model.linear import replace_module
 from kernels.reference import dequantize_int4, dequantize_int8
 from komt.model.quant import INT4_GROUP_SIZES, quantize_int4, quantize_int8
@@ -193,7 +194,7 @@ class QuantizeSpec:
         if self.method not in QUANTIZE_CHOICES:
             raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.method!r}")
         g = self.group_size
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
+        if g is not None and (not is_int(g) or g <= 0):
             raise ConfigError(f"group_size must be a positive integer, got {g!r}")
         if self.method == "int4" and g is not None and g not in INT4_GROUP_SIZES:
             raise ConfigError(f"int4 group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {g}")

@@ -10,9 +10,14 @@ in front of it, `server_config` (komt.serve.connections) bounds its connections,
 FastAPI and uvicorn are the optional `serve` extra: pip install 'komt[serve]'.
 """
 
-from komt.serve.app import create_app
-from komt.serve.connections import server_config
-from komt.serve.engine import Delta, Engine, Failed, Finished, QueueFull
-from komt.serve.metrics import ServerMetrics
+from komt.lazy_exports import lazy_exports
+
+# Imported on first use (komt.lazy_exports): `python -m komt.serve` reaches its Ctrl-C handler before torch.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "create_app": "komt.serve.app",
+    "server_config": "komt.serve.connections",
+    **{name: "komt.serve.engine" for name in ("Delta", "Engine", "Failed", "Finished", "QueueFull")},
+    "ServerMetrics": "komt.serve.metrics",
+})
 
 __all__ = ["Delta", "Engine", "Failed", "Finished", "QueueFull", "ServerMetrics", "create_app", "server_config"]

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from komt.errors import ConfigError, GenerationError, KomtError
+from komt.generate.context_length import check_context_length
 from komt.generate.decoding import DecodingState, TokenLogprob
 from komt.generate.paged_cache import PagedKVCache
 from komt.generate.sampling import SamplingParams
@@ -179,9 +180,10 @@ class Engine:
         cache_salt: str | None = None,
     ) -> Job:
         """Queue a generation of `n` choices; their events arrive through `deliver` (called from the engine thread)."""
-        if not prompt_ids or max_tokens < 1 or n < 1 or len(prompt_ids) + max_tokens > self.context:
-            raise GenerationError(f"a prompt of {len(prompt_ids)} tokens plus max_tokens {max_tokens} must fit "
-                                  f"the context of {self.context} tokens (and n >= 1)")
+        if not prompt_ids or max_tokens < 1 or n < 1:
+            raise GenerationError(f"a request needs a prompt, max_tokens >= 1 and n >= 1; got {len(prompt_ids)} "
+                                  f"prompt tokens, max_tokens {max_tokens}, n {n}")
+        check_context_length(len(prompt_ids), max_tokens, self.context, limit="max_tokens")
         need = request_blocks(len(prompt_ids) + max_tokens, self.block_size, self.model.config.sliding_window,
                               self.chunk)
         if need > self.blocks.capacity:

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from komt.argtypes import non_negative_int, number, positive_int
+
 DEFAULT_PROMPT = "한국의 수도에 대해 자세히 설명해 주세요."
 
 
@@ -185,25 +187,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m komt.serve.loadtest", description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     parser.add_argument("--scenario", choices=("concurrency", "interference", "prefix", "all"), default="concurrency")
-    parser.add_argument("-n", type=int, default=32, help="requests per concurrency level")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16],
+    parser.add_argument("-n", type=positive_int, default=32, help="requests per concurrency level")
+    parser.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 4, 8, 16],
                         help="clients at a time (several: one row each)")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-tokens", type=positive_int, default=64)
+    parser.add_argument("--temperature", type=number(0), default=0.0)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--streams", type=int, default=4, help="interference: streams decoding")
-    parser.add_argument("--arrivals", type=int, default=4, help="interference: long prompts arriving")
-    parser.add_argument("--stream-tokens", type=int, default=512,
+    parser.add_argument("--streams", type=positive_int, default=4, help="interference: streams decoding")
+    parser.add_argument("--arrivals", type=positive_int, default=4, help="interference: long prompts arriving")
+    parser.add_argument("--stream-tokens", type=positive_int, default=512,
                         help="interference: max_tokens of the decoding streams (they must outlast the prefills)")
-    parser.add_argument("--long-prompt-tokens", type=int, default=2000, help="interference: tokens per long prompt")
-    parser.add_argument("--history-tokens", type=int, default=1500, help="prefix: tokens of chat history")
-    parser.add_argument("--repeat", type=int, default=3, help="prefix: warm/cold pairs (medians reported)")
+    parser.add_argument("--long-prompt-tokens", type=positive_int, default=2000, help="interference: tokens per long prompt")
+    parser.add_argument("--history-tokens", type=positive_int, default=1500, help="prefix: tokens of chat history")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="prefix: warm/cold pairs (medians reported)")
     parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
-    parser.add_argument("--warmup", type=int, default=2, help="requests sent first and not measured")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="requests sent first and not measured")
     parser.add_argument("--json", action="store_true", help="print one JSON summary per line instead of a table")
     args = parser.parse_args(argv)
-    if args.n < 1 or min(args.concurrency) < 1 or args.max_tokens < 1 or min(args.streams, args.arrivals) < 1:
-        parser.error("-n, --concurrency, --max-tokens, --streams and --arrivals must be >= 1")
     if args.warmup:
         warm = run(args.url, args.warmup, 1, max_tokens=args.max_tokens, prompt=args.prompt, api_key=args.api_key)
         if warm["failed"]:

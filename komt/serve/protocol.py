@@ -20,12 +20,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from komt.errors import GenerationError, KomtError
+from komt.generate.context_length import check_context_length
 from komt.generate.prompt import prompt_format
 from komt.generate.sampling import PENALTY_RANGE, SamplingParams
 from komt.generate.tokenizer import Tokenizer
+from komt.jsonutil import is_int
 
 MAX_STOP_STRINGS = 16
 MAX_N = 16  # choices per request
@@ -64,7 +67,10 @@ class GenerationSpec:
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 saying why not."""
+    """The request body as a JSON object, or a 400 saying why not.
+
+    The standard parser, not komt.jsonutil's strict one: a `NaN` must reach the field's own check, so that
+    the 400 names the field (`param`) as OpenAI's does."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -118,7 +124,7 @@ def parse_completion_request(body: dict[str, Any], tokenizer: Tokenizer, *, cont
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
         prompt_ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(_is_int(i) and 0 <= i < tokenizer.vocab_size for i in prompt):
+    elif isinstance(prompt, list) and prompt and all(is_int(i) and 0 <= i < tokenizer.vocab_size for i in prompt):
         prompt_ids = list(prompt)
     else:
         raise APIError(f"'prompt' must be a non-empty string or a list of token ids below {tokenizer.vocab_size} "
@@ -158,15 +164,12 @@ def _spec(body: dict[str, Any], prompt_ids: list[int], context: int, prompt_para
         if body.get(field) not in (None, 0):
             raise APIError(f"'{field}' is not supported; use 'repetition_penalty' (> 1 discourages repeats)",
                            param=field)
-    if len(prompt_ids) >= context:
-        raise APIError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context} tokens",
-                       param=prompt_param, code="context_length_exceeded")
-    room = context - len(prompt_ids)
+    check_context_length(len(prompt_ids), 0, context,
+                         error=partial(APIError, param=prompt_param, code="context_length_exceeded"))
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, field, room, lo=1)
-    if max_tokens > room:
-        raise APIError(f"'{field}' is {max_tokens} but the prompt's {len(prompt_ids)} tokens leave room for {room} "
-                       f"in the model's context of {context} tokens", param=field, code="context_length_exceeded")
+    max_tokens = _integer(body, field, context - len(prompt_ids), lo=1)  # default: the rest of the context
+    check_context_length(len(prompt_ids), max_tokens, context, limit=f"'{field}'",
+                         error=partial(APIError, param=field, code="context_length_exceeded"))
     temperature = _number(body, "temperature", 1.0, lo=0.0, hi=2.0)
     top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0)
     if top_p == 0:
@@ -189,10 +192,6 @@ def _spec(body: dict[str, Any], prompt_ids: list[int], context: int, prompt_para
         logprobs=logprobs,
         cache_salt=salt,
     )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _show(value: Any) -> str:
@@ -218,7 +217,7 @@ def _integer(body: dict[str, Any], name: str, default: int | None, lo: int | Non
         return default
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not _is_int(value):  # true is not 1
+    if not is_int(value):  # true is not 1
         raise APIError(f"'{name}' must be an integer, got {_show(value)}", param=name)
     if lo is not None and value < lo:
         raise APIError(f"'{name}' must be >= {lo}, got {value}", param=name)

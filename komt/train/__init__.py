@@ -12,9 +12,16 @@
 The LoRA layer itself lives in `komt.model.lora` (inference loads adapters without this package).
 """
 
-from komt.train.config import DPOConfig, TrainConfig
-from komt.train.data import Example, load_dataset
-from komt.train.merge import merge_adapter
-from komt.train.trainer import train
+from komt.lazy_exports import lazy_exports
+
+# Imported on first use (komt.lazy_exports): `python -m komt.train` reaches its Ctrl-C handler before torch.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "TrainConfig": "komt.train.config",
+    "DPOConfig": "komt.train.config",
+    "Example": "komt.train.data",
+    "load_dataset": "komt.train.data",
+    "merge_adapter": "komt.train.merge",
+    "train": "komt.train.trainer",
+})
 
 __all__ = ["TrainConfig", "DPOConfig", "train", "merge_adapter", "load_dataset", "Example"]

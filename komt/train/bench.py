@@ -26,48 +26,26 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
+from komt.argtypes import non_negative_int, positive_int
+from komt.entry_point import run_entry_point
 from komt.errors import KomtError
 from komt.model import PRESETS, Transformer, preset
 from komt.model.checkpoint import random_model
+from komt.model.dtypes import DTYPE_CHOICES
 from komt.model.lora import LoRAConfig, count_parameters, inject_lora
+from komt.model.peak_memory import peak_memory_bytes, reset_peak_memory
 from komt.model.quantized_linear import QuantizedLinear, QuantizeSpec
 from komt.train.config import BASE_QUANTIZE_CHOICES, TrainConfig
 from komt.train.data import Example
 from komt.train.distributed import DistContext, choose_device
 from komt.train.schedule import cosine_with_warmup
 from komt.train.lora_weights import LoRAWeights
-from komt.train.model_prep import enable_activation_checkpointing, resolve_dtype
+from komt.train.model_prep import enable_activation_checkpointing, training_dtype
 from komt.train.sft import SFTObjective
 from komt.train.trainer import train_step
-
-
-def peak_memory_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # "5" resets the kernel's peak-RSS counter (VmHWM) for this process (Linux >= 4.0)
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak since the last reset: CUDA allocator bytes, or the process's peak resident set on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def training_flops_per_token(model: Transformer, seq_len: int, grad_checkpointing: bool) -> float:
@@ -121,7 +99,7 @@ def format_row(r: BenchRow) -> str:
 def measure(args: argparse.Namespace, base_quantize: str | None) -> BenchRow:
     """Build the model of `args` (its base held `base_quantize`) and time `args.steps` training steps."""
     device = choose_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = training_dtype(args.dtype, device)
     config = TrainConfig(model="<random>", data="<random>", output="<none>", batch_size=args.batch_size,
                          lora_r=args.lora_r, lora_dropout=0.05, dtype=args.dtype, max_seq_len=args.seq_len,
                          warmup_steps=0, base_quantize=base_quantize)
@@ -146,7 +124,7 @@ def measure(args: argparse.Namespace, base_quantize: str | None) -> BenchRow:
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, V, (B, T)).tolist()
         batch = [Example(row, row, "random") for row in ids]
-        peak_memory_reset(device)
+        reset_peak_memory(device)
         t0 = time.perf_counter()
         train_step(model, forward, objective, weights, batch, optimizer, scheduler, config, ctx)  # syncs
         if step >= args.warmup:
@@ -185,34 +163,33 @@ def _without_base_quantize(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m komt.train.bench", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="smollm2-135m", choices=sorted(PRESETS), help="model shape (default: smollm2-135m)")
-    p.add_argument("--layers", type=int, help="override the number of layers (to fit a small machine)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per example (default: 512)")
-    p.add_argument("--batch-size", type=int, default=1, help="examples per step (default: 1)")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank, on all seven projections (default: 8)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--layers", type=positive_int, help="override the number of layers (to fit a small machine)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per example (default: 512)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="examples per step (default: 1)")
+    p.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank, on all seven projections (default: 8)")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps (default: 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="base weights; bf16 trains under bf16 autocast on CUDA (default: bf16 on CUDA, else fp32)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--base-quantize", choices=("none", *BASE_QUANTIZE_CHOICES, "all"), default="none",
                    help="hold the frozen base int8 / int4 / nf4 (QLoRA); all: one row each, none included, each "
                         "in a fresh process (default: none)")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one JSON row: what `all` reads
-    args = p.parse_args(argv)
-    try:
-        if args.base_quantize == "all":
-            rest = _without_base_quantize(argv)
-            rows = [measure_in_fresh_process(rest, base) for base in ("none", *BASE_QUANTIZE_CHOICES)]
-        else:
-            rows = [measure(args, None if args.base_quantize == "none" else args.base_quantize)]
-    except KomtError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return p
+
+
+def bench(args: argparse.Namespace, argv: list[str]) -> int:
+    """Measure (every base quantization in its own process with `all`) and print the table."""
+    if args.base_quantize == "all":
+        rest = _without_base_quantize(argv)
+        rows = [measure_in_fresh_process(rest, base) for base in ("none", *BASE_QUANTIZE_CHOICES)]
+    else:
+        rows = [measure(args, None if args.base_quantize == "none" else args.base_quantize)]
     if args.json:
         print(json.dumps(asdict(rows[0])))
         return 0
@@ -226,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
           f"tensors; peak mem = {'CUDA allocator max' if 'cpu' not in r.device else 'process peak RSS'} over a step"
           f"{', each setting in its own process' if len(rows) > 1 else ''})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    return run_entry_point(lambda: bench(args, argv))
 
 
 if __name__ == "__main__":

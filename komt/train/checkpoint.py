@@ -18,13 +18,12 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from komt.atomic import current_umask
+from komt.atomic import new_temp_folder, publish_folder
 from komt.errors import CheckpointError
 from komt.model.lora import PEFT_PREFIX, LoRAConfig, lora_state_dict, read_adapter_weights, save_adapter
 
@@ -61,8 +60,8 @@ def save_checkpoint(output: Path, step: int, model: torch.nn.Module, lora_config
 
 
 def new_checkpoint_folder(output: Path, step: int | str) -> Path:
-    """A fresh hidden temp folder in `output` to build checkpoint-<step> in."""
-    return Path(tempfile.mkdtemp(dir=output, prefix=f".checkpoint-{step}.", suffix=".tmp"))
+    """A fresh hidden temp folder in `output` to build checkpoint-<step> in (`.checkpoint-<step>.*.tmp`)."""
+    return new_temp_folder(output / f"checkpoint-{step}")
 
 
 def publish_checkpoint(tmp: Path, output: Path, step: int, trainer_state: dict[str, Any]) -> Path:
@@ -72,12 +71,9 @@ def publish_checkpoint(tmp: Path, output: Path, step: int, trainer_state: dict[s
         torch.save(trainer_state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
     if final.exists():  # left by a run that got past this step before it was killed
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(output)
-    return final
+    return publish_folder(tmp, final)
 
 
 def prune_checkpoints(output: Path, keep: int) -> list[Path]:
@@ -138,10 +134,3 @@ def restore_lora(model: torch.nn.Module, folder: Path) -> None:
                                       f"expected {tuple(param.shape)}")
             param.copy_(saved[name])
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,10 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
+from komt.argtypes import non_negative_int, number, positive_int
+from komt.entry_point import run_entry_point
 from komt.errors import KomtError
+from komt.interrupts import raise_on_interrupt
 from komt.model.lora import DEFAULT_TARGETS
 from komt.generate.prompt import PROMPT_FORMATS
-from komt.train.config import BASE_QUANTIZE_CHOICES, DPO_LOSSES, DTYPE_CHOICES, DPOConfig, TrainConfig
+from komt.model.checkpoint_writer import MAX_SHARD_BYTES
+from komt.model.dtypes import DTYPE_CHOICES, resolve_dtype
+from komt.train.config import BASE_QUANTIZE_CHOICES, DPO_LOSSES, DPOConfig, TrainConfig
 
 EPILOG = """\
 examples:
@@ -50,44 +57,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-class UsageError(Exception):
-    pass
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
-
-def _number(low: float, high: float = float("inf"), low_open: bool = True, high_open: bool = True):
-    """A float parser for (low, high) (or closed ends), e.g. dropout in [0, 1)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        above = value > low if low_open else value >= low
-        below = value < high if high_open else value <= high
-        if not (above and below):
-            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-            raise argparse.ArgumentTypeError(f"must be a number in {lo}{low:g}, {high:g}{hi}, got {text!r}")
-        return value
-    return parse
+class UsageError(KomtError):
+    """A bad command line: printed as one `error: ...` line like every other bad input."""
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -97,7 +68,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="base checkpoint folder or Hugging Face hub id")
     p.add_argument("--data", required=True, help="training data: .json (a list) or .jsonl")
     _add_common_flags(p, d)
-    p.add_argument("--max-seq-len", type=_positive_int, default=d.max_seq_len,
+    p.add_argument("--max-seq-len", type=positive_int, default=d.max_seq_len,
                    help=f"truncate examples to this many tokens (default: {d.max_seq_len})")
     return p
 
@@ -109,15 +80,15 @@ def build_dpo_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model to tune (and, by default, its own reference)")
     p.add_argument("--data", required=True, help="preference pairs: .json (a list) or .jsonl")
     _add_common_flags(p, d)
-    p.add_argument("--beta", type=_number(0), default=d.beta,
+    p.add_argument("--beta", type=number(0, low_open=True), default=d.beta,
                    help=f"KL strength; rewards are beta * log(policy / reference) (default: {d.beta:g})")
     p.add_argument("--loss-type", choices=DPO_LOSSES, default=d.loss_type,
                    help="sigmoid = DPO, ipo = IPO on per-token log-ratios (default: sigmoid)")
-    p.add_argument("--label-smoothing", type=_number(0, 0.5, low_open=False), default=d.label_smoothing,
+    p.add_argument("--label-smoothing", type=number(0, 0.5, high_open=True), default=d.label_smoothing,
                    help="conservative DPO: the probability a preference label is wrong (default: 0)")
-    p.add_argument("--max-prompt-length", type=_positive_int, default=d.max_prompt_length,
+    p.add_argument("--max-prompt-length", type=positive_int, default=d.max_prompt_length,
                    help=f"tokens an over-long pair's prompt keeps, from its end (default: {d.max_prompt_length})")
-    p.add_argument("--max-length", type=_positive_int, default=d.max_length,
+    p.add_argument("--max-length", type=positive_int, default=d.max_length,
                    help=f"tokens of prompt + response at most (default: {d.max_length})")
     p.add_argument("--ref-model", help="reference checkpoint (default: the model itself: LoRA switched off, "
                                        "or with --full the weights before training)")
@@ -133,37 +104,37 @@ def _add_common_flags(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                         "template; labels on assistant turns), raw; auto (default): template if the checkpoint "
                         "ships one, else card")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--max-steps", type=_positive_int, help="optimizer steps to run")
-    length.add_argument("--epochs", type=_number(0), help="passes over the data (default: 1)")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+    length.add_argument("--max-steps", type=positive_int, help="optimizer steps to run")
+    length.add_argument("--epochs", type=number(0, low_open=True), help="passes over the data (default: 1)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help=f"examples per micro-batch per process (default: {d.batch_size})")
-    p.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
+    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum,
                    help="micro-batches per optimizer step; global batch = batch-size x grad-accum x processes "
                         f"(default: {d.grad_accum})")
-    p.add_argument("--lr", type=_number(0), default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
-    p.add_argument("--warmup-steps", type=_non_negative_int, default=d.warmup_steps,
+    p.add_argument("--lr", type=number(0, low_open=True), default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=d.warmup_steps,
                    help=f"linear warm-up steps before the cosine decay (default: {d.warmup_steps})")
-    p.add_argument("--weight-decay", type=_number(0, low_open=False), default=d.weight_decay,
+    p.add_argument("--weight-decay", type=number(0), default=d.weight_decay,
                    help=f"AdamW weight decay (default: {d.weight_decay:g})")
-    p.add_argument("--max-grad-norm", type=_number(0, low_open=False), default=d.max_grad_norm,
+    p.add_argument("--max-grad-norm", type=number(0), default=d.max_grad_norm,
                    help=f"gradient clipping norm, 0 = off (default: {d.max_grad_norm:g})")
-    p.add_argument("--lora-r", type=_positive_int, default=d.lora_r, help=f"LoRA rank (default: {d.lora_r})")
-    p.add_argument("--lora-alpha", type=_number(0), default=d.lora_alpha,
+    p.add_argument("--lora-r", type=positive_int, default=d.lora_r, help=f"LoRA rank (default: {d.lora_r})")
+    p.add_argument("--lora-alpha", type=number(0, low_open=True), default=d.lora_alpha,
                    help=f"LoRA alpha; the update is scaled by alpha / r (default: {d.lora_alpha:g})")
-    p.add_argument("--lora-dropout", type=_number(0, 1, low_open=False), default=d.lora_dropout,
+    p.add_argument("--lora-dropout", type=number(0, 1, high_open=True), default=d.lora_dropout,
                    help=f"dropout on the LoRA path (default: {d.lora_dropout:g})")
     p.add_argument("--lora-targets", nargs="+", default=list(d.lora_targets), metavar="NAME",
                    help=f"linear layers to adapt, by name suffix (default: {' '.join(d.lora_targets)})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed for LoRA init, data order, dropout (default: {d.seed})")
-    p.add_argument("--save-every", type=_positive_int, default=d.save_every,
+    p.add_argument("--save-every", type=positive_int, default=d.save_every,
                    help=f"write a resumable checkpoint every K steps (default: {d.save_every})")
-    p.add_argument("--save-total-limit", type=_non_negative_int, default=d.save_total_limit, metavar="N",
+    p.add_argument("--save-total-limit", type=non_negative_int, default=d.save_total_limit, metavar="N",
                    help=f"keep the newest N checkpoints, 0 = all (default: {d.save_total_limit})")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --output (a finished run: nothing to do, exit 0)")
-    p.add_argument("--eval-split", type=_number(0, 1, low_open=False), default=d.eval_split,
+    p.add_argument("--eval-split", type=number(0, 1, high_open=True), default=d.eval_split,
                    help="fraction of the examples held out to report an eval loss (default: 0, none)")
-    p.add_argument("--eval-every", type=_positive_int,
+    p.add_argument("--eval-every", type=positive_int,
                    help="eval loss every K steps and at the end (default: --save-every)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward: less memory, ~30%% more compute")
@@ -186,8 +157,9 @@ def build_merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="base checkpoint folder or Hugging Face hub id")
     p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder (komt's or PEFT's)")
     p.add_argument("--output", required=True, help="new folder for the merged checkpoint (must not exist)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="dtype of the merged weights (default: the base's)")
-    p.add_argument("--max-shard-size", type=_positive_int, default=5 * 1024**3, metavar="BYTES",
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype of the merged weights; auto (default): the base's (the merge runs on the CPU)")
+    p.add_argument("--max-shard-size", type=positive_int, default=MAX_SHARD_BYTES, metavar="BYTES",
                    help="split weights into safetensors shards of at most this size (default: 5 GiB)")
     p.add_argument("--base-quantize", choices=("auto", "none", *BASE_QUANTIZE_CHOICES), default="auto",
                    help="the base quantization the adapter was trained on (QLoRA): the adapter is folded into "
@@ -216,24 +188,31 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**common, max_seq_len=args.max_seq_len)
 
 
+def merge(argv: list[str]) -> int:
+    from komt.train.merge import merge_adapter
+
+    args = build_merge_parser().parse_args(argv)
+    raise_on_interrupt()  # imported: a Ctrl-C must reach the folder writer's cleanup
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))  # merge_adapter loads on the CPU
+    merge_adapter(args.model, args.adapter, args.output, dtype=dtype, max_shard_bytes=args.max_shard_size,
+                  base_quantize=None if args.base_quantize == "none" else args.base_quantize, log=sys.stderr)
+    return 0
+
+
+def train_command(argv: list[str]) -> int:
+    from komt.train.trainer import train
+
+    dpo = argv[:1] == ["dpo"]
+    parser = build_dpo_parser() if dpo else build_train_parser()
+    config = config_from_args(parser.parse_args(argv[1:] if dpo else argv))
+    raise_on_interrupt()  # imported: from here Ctrl-C stops the run the ordinary way (checkpoints are atomic)
+    train(config, log=sys.stderr)  # this stderr (a default would be the one of the trainer's first import)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["merge"]:
-            from komt.train.merge import merge_adapter
-
-            args = build_merge_parser().parse_args(argv[1:])
-            merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                          base_quantize=None if args.base_quantize == "none" else args.base_quantize, log=sys.stderr)
-        else:
-            from komt.train.trainer import train
-
-            parser = build_dpo_parser() if argv[:1] == ["dpo"] else build_train_parser()
-            train(config_from_args(parser.parse_args(argv[1:] if argv[:1] == ["dpo"] else argv)))
-    except (KomtError, UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted (resume with --resume from the last checkpoint)", file=sys.stderr)
-        return 130
-    return 0
+    if argv[:1] == ["merge"]:
+        return run_entry_point(lambda: merge(argv[1:]))
+    return run_entry_point(lambda: train_command(argv),
+                           interrupted="error: interrupted (resume with --resume from the last checkpoint)")

@@ -18,10 +18,10 @@ from typing import Any
 
 from komt.errors import ConfigError
 from komt.generate.prompt import PROMPT_FORMATS
+from komt.model.dtypes import DTYPE_CHOICES
 from komt.model.lora import DEFAULT_TARGETS, LoRAConfig
 from komt.model.quantized_linear import QUANTIZE_CHOICES
 
-DTYPE_CHOICES = ("auto", "fp32", "bf16")
 DPO_LOSSES = ("sigmoid", "ipo")
 BASE_QUANTIZE_CHOICES = QUANTIZE_CHOICES  # int8 per channel, int4 groups of 32, nf4 (komt.load_model's quantize=)
 RUN_MARKER = "komt.train"  # train_config.json's "written_by": how a folder is recognised as a run of ours
@@ -73,7 +73,7 @@ class TrainConfig:
         _check("weight_decay", self.weight_decay, lambda v: v >= 0, "a non-negative number")
         _check("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, "a non-negative number (0: no clipping)")
         _check("eval_split", self.eval_split, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
-        _check("dtype", self.dtype, lambda v: v in DTYPE_CHOICES, f"one of {', '.join(DTYPE_CHOICES)}")
+        check_train_dtype(self.dtype)
         _check("prompt_format", self.prompt_format, lambda v: v in PROMPT_FORMATS, f"one of {', '.join(PROMPT_FORMATS)}")
         _check("save_total_limit", self.save_total_limit, lambda v: isinstance(v, int) and v >= 0,
                "a non-negative integer (0: keep every checkpoint)")
@@ -159,6 +159,14 @@ class DPOConfig(TrainConfig):
                                                           "max_prompt_length", "max_length")})
         d.update(objective="dpo", own_reference=self.ref_model is None)
         return d
+
+
+def check_train_dtype(dtype: str) -> None:
+    """One of every command's --dtype choices (komt.model.dtypes) that training can run: not fp16, which
+    would need loss scaling."""
+    if dtype == "fp16":
+        raise ConfigError("--dtype fp16 cannot train: fp16 needs loss scaling, which komt does not do; use --dtype bf16")
+    _check("dtype", dtype, lambda v: v in DTYPE_CHOICES, f"one of {', '.join(DTYPE_CHOICES)}")
 
 
 def _check(name: str, value: Any, ok, what: str) -> None:

@@ -34,14 +34,14 @@ from typing import Any, Callable, TextIO
 import torch
 
 from komt.model.checkpoint import build_empty_model
-from komt.model.checkpoint_writer import TOKENIZER_FILES, write_checkpoint
+from komt.model.checkpoint_writer import copy_tokenizer_files, write_checkpoint
 from komt.model.config import ModelConfig
 from komt.model.load import load_model
 from komt.model.lora import count_parameters
 from komt.train import distributed
 from komt.train.checkpoint import new_checkpoint_folder, publish_checkpoint
 from komt.train.config import TrainConfig
-from komt.train.model_prep import (autocast, check_vocabulary, enable_activation_checkpointing, resolve_dtype,
+from komt.train.model_prep import (autocast, check_vocabulary, enable_activation_checkpointing, training_dtype,
                                    uses_autocast)
 from komt.train.progress import say
 
@@ -55,7 +55,7 @@ class FullWeights:
 
     def __init__(self, config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) -> None:
         self.config, self.ctx, self.log = config, ctx, log
-        self.dtype = resolve_dtype(config.dtype, ctx.device)  # compute and saved dtype
+        self.dtype = training_dtype(config.dtype, ctx.device)  # compute and saved dtype
         self.sharded = ctx.enabled
         self.model_path: Path | None = None
 
@@ -208,9 +208,7 @@ def export_checkpoint(config: ModelConfig, state: dict[str, torch.Tensor], outpu
     tmp = new_checkpoint_folder(output, "final")
     try:
         write_checkpoint(model, tmp)
-        for name in TOKENIZER_FILES:  # the base's tokenizer, so the folder is complete on its own
-            if (source / name).is_file():
-                shutil.copyfile(source / name, tmp / name)
+        copy_tokenizer_files(source, tmp)  # the base's tokenizer, so the folder is complete on its own
         for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
             os.replace(tmp / name, output / name)
     finally:

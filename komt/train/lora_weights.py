@@ -28,7 +28,7 @@ from komt.model.lora import count_parameters, inject_lora, lora_disabled, save_a
 from komt.train import distributed
 from komt.train.checkpoint import restore_lora, save_checkpoint
 from komt.train.config import TrainConfig
-from komt.train.model_prep import (autocast, check_vocabulary, enable_activation_checkpointing, resolve_dtype,
+from komt.train.model_prep import (autocast, check_vocabulary, enable_activation_checkpointing, training_dtype,
                                   uses_autocast)
 from komt.train.progress import say
 
@@ -40,7 +40,7 @@ class LoRAWeights:
 
     def __init__(self, config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) -> None:
         self.config, self.ctx, self.log = config, ctx, log
-        self.dtype = resolve_dtype(config.dtype, ctx.device)  # base weights, and autocast's dtype on CUDA
+        self.dtype = training_dtype(config.dtype, ctx.device)  # base weights, and autocast's dtype on CUDA
 
     @property
     def precision(self) -> str:

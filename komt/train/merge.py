@@ -22,7 +22,6 @@ embedding) is written untied, since its head is then no longer the embedding.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -33,14 +32,14 @@ from typing import TextIO
 import torch
 
 from komt.errors import ConfigError
-from komt.model.checkpoint import parse_dtype
+from komt.model.dtypes import parse_dtype
 from komt.model.checkpoint_writer import MAX_SHARD_BYTES, check_new_output, write_checkpoint, write_folder_atomically
 from komt.model.hub import resolve_model_path
 from komt.model.load import load_model
 from komt.model.lora import merge_lora
 from komt.model.quantized_linear import dequantize_linears
 from komt.train.config import BASE_QUANTIZE_CHOICES, RUN_MARKER
-from komt.train.run_folder import TRAIN_CONFIG
+from komt.train.run_folder import TRAIN_CONFIG, read_train_config
 
 RECORDED = "auto"  # base_quantize=: what the adapter's run recorded (none when it recorded nothing)
 
@@ -56,11 +55,8 @@ def recorded_base_quantize(adapter: str | os.PathLike) -> tuple[str | None, Path
     if re.fullmatch(r"checkpoint-\d+", folder.name):
         candidates.append(folder.parent / TRAIN_CONFIG)
     for path in candidates:
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            continue
-        if not isinstance(raw, dict) or raw.get("written_by") != RUN_MARKER:
+        raw = read_train_config(path)
+        if raw is None or raw.get("written_by") != RUN_MARKER:
             continue
         value = raw.get("base_quantize")
         if value is not None and value not in BASE_QUANTIZE_CHOICES:

@@ -15,13 +15,14 @@ import torch
 
 from komt.errors import ConfigError
 from komt.generate.vocab import check_tokenizer_fits
+from komt.model.dtypes import resolve_dtype
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Base-weight dtype: "auto" is bf16 on CUDA (trained under bf16 autocast) and fp32 on the CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+def training_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The base weights' dtype for a --dtype choice, read as every command reads it (komt.model.dtypes:
+    auto is bf16 on CUDA, trained under bf16 autocast); where auto forces none (the CPU, with no autocast
+    here) training computes in fp32."""
+    return resolve_dtype(choice, device) or torch.float32
 
 
 def uses_autocast(device: torch.device, dtype: torch.dtype) -> bool:

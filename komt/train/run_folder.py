@@ -13,11 +13,11 @@ fields komt wrote before the marker existed), or when it holds complete checkpoi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from komt.errors import ConfigError
+from komt.errors import ConfigError, KomtError
+from komt.jsonutil import read_json
 from komt.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from komt.train.checkpoint import list_checkpoints
 from komt.train.config import RUN_MARKER
@@ -78,11 +78,20 @@ _MAY_DIFFER = {"written_by", "model", "data", "output", "tokenizer", "ref_model"
                "save_total_limit", "eval_every", "grad_checkpointing"}
 
 
+def read_train_config(path: Path) -> dict | None:
+    """A train_config.json as a dict; None when it is absent or not a JSON object (a run from before the
+    file, someone else's file, a file cut short), which the callers each treat as "not known to be ours"."""
+    try:
+        raw = read_json(path)  # strict, and a FIFO is refused rather than opened
+    except (OSError, KomtError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
 def check_finished_settings(output: Path, now: dict) -> None:
     """--resume of a finished run with other settings (e.g. more steps) cannot continue it: say so."""
-    try:
-        saved = json.loads((output / TRAIN_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    saved = read_train_config(output / TRAIN_CONFIG)
+    if saved is None:
         return  # a finished run from before train_config.json: nothing to compare
     for key in sorted((set(saved) | set(now)) - _MAY_DIFFER):
         if saved.get(key) != now.get(key):
@@ -91,11 +100,8 @@ def check_finished_settings(output: Path, now: dict) -> None:
 
 
 def is_our_run(output: Path) -> bool:
-    try:
-        raw = json.loads((output / TRAIN_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return False
-    return isinstance(raw, dict) and (raw.get("written_by") == RUN_MARKER or _OLD_CONFIG_KEYS <= raw.keys())
+    raw = read_train_config(output / TRAIN_CONFIG)
+    return raw is not None and (raw.get("written_by") == RUN_MARKER or _OLD_CONFIG_KEYS <= raw.keys())
 
 
 def is_finished(output: Path) -> bool:

@@ -22,7 +22,6 @@ weights an uninterrupted run produces, and N processes with the same global batc
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any, Callable, TextIO
 
 import torch
 
-from komt.atomic import write_text_atomic
+from komt.atomic import write_json_atomic
 from komt.errors import ConfigError, KomtError
 from komt.generate.tokenizer import load_tokenizer
 from komt.model.hub import resolve_model_path
@@ -45,8 +44,8 @@ from komt.train.progress import LOSS_CURVE_FILE, METRICS_FILE, MetricsLog, Progr
 from komt.train.run_folder import TRAIN_CONFIG, inspect_output
 from komt.train.schedule import cosine_with_warmup
 
-# The re-exports keep `from komt.train.trainer import resolve_dtype, ...` working for older callers.
-from komt.train.model_prep import autocast, enable_activation_checkpointing, resolve_dtype  # noqa: F401
+# The re-exports keep `from komt.train.trainer import autocast, ...` working for older callers.
+from komt.train.model_prep import autocast, enable_activation_checkpointing  # noqa: F401
 
 
 @dataclass
@@ -137,7 +136,7 @@ def _run(config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) 
     if ctx.is_main:  # the first write: every input has been read and checked by now
         output.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output)
-        write_text_atomic(output / TRAIN_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+        write_json_atomic(output / TRAIN_CONFIG, config.to_dict())
         metrics = MetricsLog(output / METRICS_FILE, resume_step=start if folder.resume_from else None)
     distributed.barrier(ctx)
     forward = weights.forward_fn(step_model)
@@ -164,7 +163,7 @@ def _run(config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) 
                                   "lr": result.lr, "grad_norm": result.grad_norm,
                                   "tokens_per_s": result.tokens / elapsed, "tokens": tokens_seen}
         if objective.eval_set and (done % eval_every == 0 or done == total_steps):
-            record.update(evaluate(model, eval_forward, objective, objective.eval_set, config.batch_size, ctx))
+            record.update(held_out_metrics(model, eval_forward, objective, objective.eval_set, config.batch_size, ctx))
             bar.message(f"step {done}: eval loss {record['eval_loss']:.4f}")
         if metrics is not None:
             metrics.write(record)
@@ -217,8 +216,8 @@ def train_step(step_model: torch.nn.Module, forward: Callable, objective, weight
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, forward: Callable, objective, examples: list, batch_size: int,
-             ctx: distributed.DistContext) -> dict[str, float]:
+def held_out_metrics(model: torch.nn.Module, forward: Callable, objective, examples: list, batch_size: int,
+                     ctx: distributed.DistContext) -> dict[str, float]:
     """The objective's metrics over held-out `examples`, as `eval_<name>` (each process scores its share).
 
     Every process runs the same number of forwards (see `shard_chunks`): a sharded model needs that.
