@@ -192,8 +192,8 @@ def test_cpu_int8_layout_survives_an_unaligned_weight():
 
 
 @pytest.mark.parametrize("make", [lambda w: Int8CPULinear(Int8Linear.from_dense(w)),
-                                  lambda w: Int8GroupedCPULinear(Int8Linear.from_dense(w, 32)),
-                                  lambda w: Int4CPULinear(Int4Linear.from_dense(w, 32))])
+                                  lambda w: Int8GroupedCPULinear(Int8Linear.from_dense(w, 32), keep_exact=True),
+                                  lambda w: Int4CPULinear(Int4Linear.from_dense(w, 32), keep_exact=True)])
 def test_precise_head_recomputes_the_top_logits_exactly(make):
     """bf16 kernel logits tie near-equal tokens; the head's candidates must be the exact fp32 products."""
     from komt.model.cpu_quantized import PreciseHead

@@ -40,15 +40,16 @@ def _is_fp32_cpu_linear(module: nn.Module) -> bool:
     return module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
 
 
-def _cpu_variant(module: nn.Module, threads: int) -> nn.Module | None:
-    """The CPU layout of one layer, or None where it has none (or already has it)."""
+def _cpu_variant(module: nn.Module, threads: int, head: bool = False) -> nn.Module | None:
+    """The CPU layout of one layer, or None where it has none (or already has it). A quantized `head`
+    keeps what `PreciseHead` needs to recompute its rows exactly."""
     if type(module) is Int8Linear and module.weight.device.type == "cpu":
         if module.group_size == module.in_features:
             return Int8CPULinear(module)
         if int4_cpu_supported(module):
-            return Int8GroupedCPULinear(module)
+            return Int8GroupedCPULinear(module, keep_exact=head)
     if type(module) is Int4Linear and module.weight.device.type == "cpu" and int4_cpu_supported(module):
-        return Int4CPULinear(module)
+        return Int4CPULinear(module, keep_exact=head)
     if type(module) is nn.Linear and _is_fp32_cpu_linear(module):
         n_blocks = n_blocks_for(module.out_features, threads)
         return SplitGEMVLinear(module, n_blocks) if n_blocks >= 2 else None
@@ -80,7 +81,7 @@ def use_cpu_layouts(model: nn.Module, threads: int | None = None) -> int:
             lm_head.weight.data = lm_head.weight.data.t().contiguous().t()
     for name, module in _projections(model):
         if not _grouped(module):
-            new = _cpu_variant(module, threads)
+            new = _cpu_variant(module, threads, head=name == "lm_head")
             if new is not None:
                 replace_module(model, name, new)
     head = getattr(model, "lm_head", None)

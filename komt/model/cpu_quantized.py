@@ -111,16 +111,17 @@ class Int4CPULinear(QuantizedLinear):
 
     bits = 4
 
-    def __init__(self, layer: Int4Linear) -> None:
+    def __init__(self, layer: Int4Linear, keep_exact: bool = False) -> None:
         super().__init__(layer.in_features, layer.out_features, layer.group_size)
         q = unpack_int4(layer.weight.detach()).to(torch.int32)  # (O, I) in 0..15
         self.weight = _frozen(torch._convert_weight_to_int4pack_for_cpu(q, 1))
         scales, offsets = layer.scales.detach().float(), layer.offsets.detach().float()
         table = torch.stack((scales, offsets + 8 * scales), dim=-1)  # (O, G, 2)
         self.scales_and_zeros = _frozen(table.transpose(0, 1).contiguous().to(torch.bfloat16))  # (G, O, 2)
-        # The exact fp16 scales and offsets too (O x G each, ~3 % of the weight): `exact_rows` needs them.
-        self.register_buffer("exact_scales", layer.scales.detach().clone(), persistent=False)
-        self.register_buffer("exact_offsets", layer.offsets.detach().clone(), persistent=False)
+        # For a head (`keep_exact`): the exact fp16 scales and offsets too, which `exact_rows` needs. Other
+        # layers do without: they are a fifth of the packed weight's size (0.7 GB for the 7B shape).
+        self.exact_scales = layer.scales.detach().clone() if keep_exact else None
+        self.exact_offsets = layer.offsets.detach().clone() if keep_exact else None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = _unpack_cpu_int4(self.weight.detach(), self.out_features, self.in_features).float()  # (O, I)
@@ -131,6 +132,8 @@ class Int4CPULinear(QuantizedLinear):
 
     def exact_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows `rows` of the weight, dequantized exactly in fp32 from the packed bytes: [len(rows), I]."""
+        if self.exact_scales is None:
+            raise ValueError("exact_rows needs a layer built with keep_exact=True (a head)")
         blocks = self.weight.detach().view(-1, self.in_features, _PACK_BLOCK_N // 2)  # (O/64, I, 32)
         j = rows % _PACK_BLOCK_N
         picked = blocks[rows // _PACK_BLOCK_N, :, j % (_PACK_BLOCK_N // 2)]  # (n, I): the byte of each element
@@ -161,14 +164,14 @@ class Int8GroupedCPULinear(QuantizedLinear):
 
     bits = 8
 
-    def __init__(self, layer: Int8Linear) -> None:
+    def __init__(self, layer: Int8Linear, keep_exact: bool = False) -> None:
         super().__init__(layer.in_features, layer.out_features, layer.group_size)
         q = layer.weight.detach().to(torch.int16)  # (O, I)
         nibbles = torch.cat((torch.div(q, 16, rounding_mode="floor") + 8, q % 16), dim=1)  # (O, 2I): hi + 8 | lo
         s = layer.scales.detach().float()  # (O, G)
         scales = torch.cat((16 * s, s), dim=1)  # per group of the doubled row
         offsets = torch.cat((-128 * s, torch.zeros_like(s)), dim=1)  # hi: (n - 8) 16 s = n 16 s - 128 s
-        self.inner = Int4CPULinear(Int4Linear(pack_int4(nibbles), scales.half(), offsets.half()))
+        self.inner = Int4CPULinear(Int4Linear(pack_int4(nibbles), scales.half(), offsets.half()), keep_exact)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         doubled = self.inner.dequantize(torch.float32)  # (O, 2I)
