@@ -20,6 +20,8 @@ the layer it had, which is always correct. Measured figures are in the variants'
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import nn
 
@@ -28,7 +30,7 @@ from komt.model.cpu_quantized import (Int4CPULinear, Int8CPULinear, Int8GroupedC
                                       fuse_quantized, int4_cpu_supported)
 from komt.model.linear import replace_module
 from komt.model.lora import LoRALinear
-from komt.model.quantized_linear import Int4Linear, Int8Linear
+from komt.model.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear
 
 # Sibling projections that read the same input, by their Hugging Face names.
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -84,6 +86,9 @@ def use_cpu_layouts(model: nn.Module, threads: int | None = None) -> int:
             new = _cpu_variant(module, threads, head=name == "lm_head")
             if new is not None:
                 replace_module(model, name, new)
+                if isinstance(new, QuantizedLinear):
+                    del module, new
+                    return_freed_memory()  # the conversion's transients, before the next layer's
     head = getattr(model, "lm_head", None)
     if isinstance(head, (Int8CPULinear, Int8GroupedCPULinear, Int4CPULinear)):
         model.lm_head = PreciseHead(head)  # bf16 kernel logits, candidates recomputed exactly
@@ -93,6 +98,26 @@ def use_cpu_layouts(model: nn.Module, threads: int | None = None) -> int:
             fuse_quantized(members)
     return sum(isinstance(m, (SplitGEMVLinear, Int8CPULinear, Int8GroupedCPULinear, Int4CPULinear)) or _grouped(m)
                for m in model.modules())
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
+
+    Repacking a layer allocates and frees tens of MB; glibc keeps freed heap memory for reuse, so over the
+    224 layers of the 7B shape the process grew to 8.0 GB of RSS holding 4.4 GB of tensors (5.3 GB after a
+    trim, measured). Trimming after each layer keeps the peak near the live size.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def _grouped(module: nn.Module) -> bool:
