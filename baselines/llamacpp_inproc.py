@@ -119,7 +119,7 @@ class LlamaCpp:
 
 
 def load(path: str, threads: int = 2, n_ctx: int = 512, kernels: str = "auto", logits_all: bool = False,
-         kv_type: str = "f16", flash_attn: bool = False) -> LlamaCpp:
+         kv_type: str = "f16", flash_attn: bool = False, use_mmap: bool = False) -> LlamaCpp:
     """llama.cpp's model + context for the GGUF `path` with `kernels` (module docstring), `threads` for
     both decode and prompt batches, weights read into memory (no mmap), the given KV cache type."""
     if kernels not in KERNELS:
@@ -156,7 +156,7 @@ def load(path: str, threads: int = 2, n_ctx: int = 512, kernels: str = "auto", l
     llama_module.llama_cpp.llama_model_default_params = params
     try:
         llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
-                              n_threads=threads, n_threads_batch=threads, use_mmap=False, logits_all=logits_all,
+                              n_threads=threads, n_threads_batch=threads, use_mmap=use_mmap, logits_all=logits_all,
                               verbose=False, seed=0, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type],
                               flash_attn=flash_attn)
     finally:

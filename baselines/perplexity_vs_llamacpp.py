@@ -98,10 +98,11 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}; "
           f"{args.threads} threads; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     for name, path in (("ko", korean), ("en", english)):
-        ex = texts[name]
-        scored = sum(sum(label != -100 for label in labels[1:]) for _, labels in ex)
-        print(f"  {name}: {path} (sha256 {fingerprint(path)}), {len(ex)} sequences, {sum(len(i) for i, _ in ex)} ids, "
-              f"{scored} scored; tokenized once by komt ({type(tokenizer).__name__} of {args.hf})")
+        ex, m = texts[name], args.max_len  # perplexity() cuts each sequence to max_len: count what it scores
+        scored = sum(sum(label != -100 for label in labels[1:m]) for _, labels in ex)
+        cut = sum(len(ids) > m for ids, _ in ex)
+        print(f"  {name}: {path} (sha256 {fingerprint(path)}), {len(ex)} sequences ({cut} cut to {m} tokens), "
+              f"{scored} tokens scored; tokenized once by komt ({type(tokenizer).__name__} of {args.hf})")
     print(f"  ({KOMT_ATTRIBUTION})")
     n_ctx = max(len(ids) for ex in texts.values() for ids, _ in ex) + 8
     systems = [
