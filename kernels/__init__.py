@@ -6,6 +6,8 @@ so `import kernels` (and `kernels.reference`) works where triton is not installe
     kernels.rms_norm(x, weight, eps)                   fused RMSNorm, forward + backward
     kernels.attention(q, k, v, *, causal, window, scale, q_pos, k_pos)
                                                        FlashAttention-2 prefill / flash-decoding (T == 1)
+    kernels.paged_attention(q, k_pool, v_pool, tables, rows, q_pos, *, block_size, window, scale)
+                                                       decode over a block-paged KV cache (block tables)
     kernels.int8_matmul(x, weight, scales, group_size=None)
     kernels.int4_matmul(x, weight, scales, offsets, group_size)
                                                        dequantize-GEMV (decode) / -GEMM (prefill) on
@@ -25,7 +27,7 @@ import importlib.util
 
 import torch
 
-from kernels import ops  # registers the attention and RMSNorm custom ops (int8/int4: on first use); torch only
+from kernels import ops  # the kernels as custom ops, each registered on first use (nothing at import)
 from kernels._launch import needs_grad
 from kernels.reference import (
     attention_mask,
@@ -34,6 +36,7 @@ from kernels.reference import (
     dequantize_int8,
     int4_matmul_reference,
     int8_matmul_reference,
+    paged_attention_reference,
     rms_norm_reference,
 )
 
@@ -47,6 +50,8 @@ __all__ = [
     "int4_matmul_reference",
     "int8_matmul",
     "int8_matmul_reference",
+    "paged_attention",
+    "paged_attention_reference",
     "rms_norm",
     "rms_norm_reference",
     "triton_available",
@@ -136,3 +141,26 @@ def int4_matmul(
     from kernels.dequant_matmul_int4 import int4_matmul_triton
 
     return int4_matmul_triton(x, weight, scales, offsets, group_size)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    tables: torch.Tensor,
+    rows: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    block_size: int,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One query per row, q [N, Hq, D], over a block-paged KV cache k_pool / v_pool [Hkv, n_slots, D] read through
+    block tables [R, max_blocks] (rows [N]: each query's table row; q_pos [N]: its position) -> [N, Hq, D].
+
+    Forward only. Reference: `kernels.reference.paged_attention_reference` (see kernels/paged_decoding.py).
+    """
+    from kernels.paged_decoding import paged_decode_attention
+
+    return paged_decode_attention(q, k_pool, v_pool, tables, rows, q_pos, block_size=block_size, window=window,
+                                  scale=scale)

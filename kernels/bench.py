@@ -209,6 +209,52 @@ def bench_decode(peaks, quick: bool) -> list[dict]:
     return results
 
 
+PAGED_SHAPES = [(1, 32, 8, 4096, 128), (8, 32, 8, 4096, 128), (32, 32, 8, 2048, 128), (8, 32, 8, 16384, 128)]
+PAGED_BLOCK = 16  # tokens per KV block (komt.serve's default)
+
+
+def bench_paged(peaks, quick: bool) -> list[dict]:
+    """Decode over a block-paged cache: the Triton kernel reading block tables, against the torch path (gather
+    each row's blocks, then SDPA with a mask: what komt.generate.paged_cache does) and against flash-decoding
+    over the same keys stored contiguously (what paging costs)."""
+    import kernels
+    from kernels._peaks import time_ms
+
+    rows, results = [], []
+    for B, Hq, Hkv, S, D in PAGED_SHAPES[:2] if quick else PAGED_SHAPES:
+        n_blocks = B * S // PAGED_BLOCK + 1
+        k_pool, v_pool = (torch.randn(Hkv, n_blocks * PAGED_BLOCK, D, device="cuda", dtype=torch.bfloat16)
+                          for _ in range(2))
+        tables = (torch.randperm(n_blocks - 1, device="cuda")[: B * S // PAGED_BLOCK] + 1).view(B, -1)  # shuffled
+        rows_ = torch.arange(B, device="cuda")
+        q_pos = torch.full((B,), S - 1, device="cuda")
+        q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
+        slots = (tables[:, :, None] * PAGED_BLOCK + torch.arange(PAGED_BLOCK, device="cuda")).view(B, S)
+
+        def gather_sdpa():
+            # (Hkv, B*S, D) -> (Hkv, B, S, D) -> (B, Hkv, S, D)
+            k = k_pool.index_select(1, slots.flatten()).view(Hkv, B, S, D).transpose(0, 1)
+            v = v_pool.index_select(1, slots.flatten()).view(Hkv, B, S, D).transpose(0, 1)
+            return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+
+        kc = k_pool.index_select(1, slots.flatten()).view(Hkv, B, S, D).transpose(0, 1).contiguous()
+        vc = v_pool.index_select(1, slots.flatten()).view(Hkv, B, S, D).transpose(0, 1).contiguous()
+        ms = time_ms(lambda: kernels.paged_attention(q, k_pool, v_pool, tables, rows_, q_pos, block_size=PAGED_BLOCK))
+        gathered = _try_time(gather_sdpa)
+        contiguous = _try_time(lambda: kernels.attention(q[:, :, None], kc, vc))
+        moved = (2 * B * Hkv * S * D + 2 * B * Hq * D) * 2
+        gbps = moved / ms / 1e6
+        rows.append([f"B{B} S{S}", _fmt(ms), f"{gbps:.0f}", f"{100 * gbps / peaks.copy_gbps:.0f}%", _fmt(gathered),
+                     _fmt(contiguous), "-" if gathered is None else f"{gathered / ms:.2f}x",
+                     "-" if contiguous is None else f"{contiguous / ms:.2f}x"])
+        results.append(dict(kernel="paged", shape=f"B{B} S{S}", triton=ms, baseline=gathered))
+        del k_pool, v_pool, kc, vc
+    _print_table(f"Paged decode attention, bf16, H32/8 D128, blocks of {PAGED_BLOCK} (GB/s = K/V bytes read / time)",
+                 ["shape", "triton ms", "GB/s", "% copy", "gather+sdpa ms", "contiguous flash-dec ms",
+                  "vs gather", "vs contiguous"], rows)
+    return results
+
+
 def plot(results: list[dict], path: str) -> None:
     """Bar chart of the speedup of each Triton kernel over its best baseline, one bar per shape."""
     import matplotlib
@@ -229,8 +275,8 @@ def plot(results: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=["rms_norm", "attention", "backward", "decode", "int8", "int4", "all"],
-                        default="all")
+    parser.add_argument("--kernel", default="all",
+                        choices=["rms_norm", "attention", "backward", "decode", "paged", "int8", "int4", "all"])
     parser.add_argument("--group-size", type=int, metavar="G",
                         help="int8/int4: inputs per scale (int8 default: per channel; int4 default: 32)")
     parser.add_argument("--plot", metavar="FILE.png", help="also save a speedup chart (needs matplotlib)")
@@ -271,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         results += bench_backward(peaks, args.quick)
     if args.kernel in ("decode", "all"):
         results += bench_decode(peaks, args.quick)
+    if args.kernel in ("paged", "all"):
+        results += bench_paged(peaks, args.quick)
     if bits:
         from kernels.bench_quant import bench_quant
 

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels._launch import cdiv, interpreting, next_power_of_2, sm_count
+from kernels._online_softmax import online_softmax_step
 from kernels.flash_attention import LOG2E, check_attention_inputs
 
 MAX_SPLITS = 128  # the merge kernel holds [n_splits, D] partials of a row in registers
@@ -108,16 +109,7 @@ def _decode_partial_kernel(
         if HAS_WINDOW:
             visible = visible & (k_p > q_p - window)
         qk = tl.where(visible[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: exp2 gives 0, not NaN
-        p = tl.exp2(qk - m_new_safe[:, None])
-        alpha = tl.exp2(m_i - m_new_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if EXACT_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, EXACT_DOT)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]

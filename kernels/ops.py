@@ -10,10 +10,9 @@ microseconds a call, which a decode step with two kernels per layer would feel).
 Forward only: compiled code that needs gradients through the kernels takes the autograd path.
 (No `from __future__ import annotations` here: `custom_op` reads the schema from the annotations.)
 
-Registration: the attention and RMSNorm ops below register when `kernels` is imported (as they always
-have). The dequantize-matmul ops (`int8_matmul_op`, `int4_matmul_op`) register on first use instead, so
-importing `kernels` adds nothing more to torch's operator table: they are module attributes made on first
-access (PEP 562 `__getattr__` at the end of this file). torch.compile resolves a module attribute by
+Registration: nothing registers when `kernels` is imported (komt imports `kernels.reference` on every
+machine). Each op is a module attribute made on first access (PEP 562 `__getattr__` at the end of this
+file), which registers its group (attention + RMSNorm, or the two dequantize-matmuls) with torch. torch.compile resolves a module attribute by
 calling getattr while it traces, outside the graph, so the first compiled call registers them too,
 without a graph break (checked with fullgraph=True in tests/test_kernels_quant.py).
 """
@@ -23,39 +22,44 @@ from typing import Optional
 import torch
 
 
-@torch.library.custom_op("kernels::attention", mutates_args=())
-def attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool,
-    window: Optional[int],
-    scale: Optional[float],
-    q_pos: Optional[torch.Tensor],
-    k_pos: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """`kernels.attention` without autograd: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D]."""
-    from kernels.attention_api import attention_forward
+def _define_kernel_ops() -> dict:
+    """Register kernels::attention and kernels::rms_norm with torch; return them by attribute name."""
 
-    return attention_forward(q, k, v, causal, window, scale, q_pos, k_pos)
+    @torch.library.custom_op("kernels::attention", mutates_args=())
+    def attention_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        window: Optional[int],
+        scale: Optional[float],
+        q_pos: Optional[torch.Tensor],
+        k_pos: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """`kernels.attention` without autograd: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D]."""
+        from kernels.attention_api import attention_forward
 
-
-@attention_op.register_fake
-def _(q, k, v, causal, window, scale, q_pos, k_pos):
-    return q.new_empty(q.shape)  # both kernels write a new contiguous tensor of q's shape and dtype
+        return attention_forward(q, k, v, causal, window, scale, q_pos, k_pos)
 
 
-@torch.library.custom_op("kernels::rms_norm", mutates_args=())
-def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`kernels.rms_norm` without autograd: x [..., D], weight [D] -> [..., D] in x's dtype."""
-    from kernels.fused_rms_norm import rms_norm_forward
-
-    return rms_norm_forward(x, weight, eps)[0]
+    @attention_op.register_fake
+    def _(q, k, v, causal, window, scale, q_pos, k_pos):
+        return q.new_empty(q.shape)  # both kernels write a new contiguous tensor of q's shape and dtype
 
 
-@rms_norm_op.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape)
+    @torch.library.custom_op("kernels::rms_norm", mutates_args=())
+    def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """`kernels.rms_norm` without autograd: x [..., D], weight [D] -> [..., D] in x's dtype."""
+        from kernels.fused_rms_norm import rms_norm_forward
+
+        return rms_norm_forward(x, weight, eps)[0]
+
+
+    @rms_norm_op.register_fake
+    def _(x, weight, eps):
+        return x.new_empty(x.shape)
+
+    return {"attention_op": attention_op, "rms_norm_op": rms_norm_op}
 
 
 def _define_quant_ops() -> dict:
@@ -90,13 +94,16 @@ def _define_quant_ops() -> dict:
     return {"int8_matmul_op": int8_matmul_op, "int4_matmul_op": int4_matmul_op}
 
 
-_QUANT_OPS: dict = {}  # filled on the first access to ops.int8_matmul_op or ops.int4_matmul_op
+_DEFINERS = {"attention_op": _define_kernel_ops, "rms_norm_op": _define_kernel_ops,
+             "int8_matmul_op": _define_quant_ops, "int4_matmul_op": _define_quant_ops}
+_OPS: dict = {}  # filled on the first access to each group of ops
 
 
 def __getattr__(name: str):
-    """`ops.int8_matmul_op` and `ops.int4_matmul_op`, registered with torch on first access (see above)."""
-    if name in ("int8_matmul_op", "int4_matmul_op"):
-        if not _QUANT_OPS:
-            _QUANT_OPS.update(_define_quant_ops())
-        return _QUANT_OPS[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    """`ops.attention_op`, `ops.rms_norm_op`, `ops.int8_matmul_op`, `ops.int4_matmul_op`: each group is
+    registered with torch on the first access to one of its ops (see the module docstring)."""
+    if name not in _DEFINERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _OPS:
+        _OPS.update(_DEFINERS[name]())
+    return _OPS[name]

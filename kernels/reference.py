@@ -107,6 +107,41 @@ def attention_reference(
     return (probs @ vf).to(q.dtype)  # (B, Hq, T, D)
 
 
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    tables: torch.Tensor,
+    rows: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    block_size: int,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one query per row over a block-paged KV cache, by gathering each row's keys.
+
+    q [N, Hq, D]; k_pool, v_pool [Hkv, n_slots, D], slot s of block b at b * block_size + s; tables
+    [R, max_blocks] the physical block of each logical block of a sequence (0: not held); rows [N] the
+    table row of each query; q_pos [N] its position. The key at position j of query n's sequence sits at
+    slot tables[rows[n], j // block_size] * block_size + j % block_size and is visible iff its block is
+    held, j <= q_pos[n], and j > q_pos[n] - window. Returns [N, Hq, D] in q's dtype.
+    """
+    N = q.shape[0]
+    M = tables.shape[1]
+    logical = torch.arange(M * block_size, device=q.device)  # (S,) every position a table row can address
+    table = tables.long()[rows.long()]  # (N, M)
+    blocks = table[:, logical // block_size]  # (N, S)
+    slots = blocks * block_size + logical % block_size  # (N, S)
+    k_pos = torch.where(blocks != 0, logical, -1)  # (N, S)
+    # (Hkv, N*S, D) -> (Hkv, N, S, D) -> (N, Hkv, S, D)
+    k = k_pool[:, slots.flatten()].view(k_pool.shape[0], N, -1, k_pool.shape[2]).transpose(0, 1)
+    v = v_pool[:, slots.flatten()].view(v_pool.shape[0], N, -1, v_pool.shape[2]).transpose(0, 1)
+    out = attention_reference(q[:, :, None], k, v, causal=True, window=window, scale=scale,
+                              q_pos=q_pos.long()[:, None], k_pos=k_pos)  # (N, Hq, 1, D)
+    return out[:, :, 0]
+
+
 def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
     """Validate q [B, Hq, T, D], k/v [B, Hkv, S, D] (Hq % Hkv == 0) and return (B, Hq, T, D)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:

@@ -2,7 +2,7 @@
 
 The stable API: `load_model`, `load_tokenizer`, and the error types.
 
-`load_model` is imported on first use (PEP 562 `__getattr__`), so `import komt` and the start of every
+`load_model` is imported on first use (komt.lazy_exports), so `import komt` and the start of every
 `python -m komt.…` entry point do not import torch: an entry point's own code runs within milliseconds
 and catches a Ctrl-C during its (slow) imports, exiting 130 instead of printing a traceback.
 """
@@ -15,6 +15,7 @@ from komt.errors import (
     KomtError,
     TokenizerError,
 )
+from komt.lazy_exports import lazy_exports
 
 
 def load_tokenizer(path):
@@ -25,17 +26,7 @@ def load_tokenizer(path):
     return _load(path)
 
 
-def __getattr__(name: str):
-    if name == "load_model":
-        from komt.model.load import load_model
-
-        return load_model
-    raise AttributeError(f"module 'komt' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | {"load_model"})
-
+__getattr__, __dir__ = lazy_exports(__name__, {"load_model": "komt.model.load"})
 
 __all__ = ["load_model", "load_tokenizer", "KomtError", "ConfigError", "CheckpointError",
            "TokenizerError", "GenerationError", "DataError"]

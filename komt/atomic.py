@@ -4,7 +4,7 @@
 the target. If the writer fails, the temp file is deleted and the old file stays as it was. The single
 files komt writes for a user go through it (safetensors shards and adapters, indexes, configs, metrics);
 whole folders (training checkpoints, merged models, the multi-task mix) are built in a temp folder that is
-renamed into place by their writers, on the same principle.
+renamed into place (`new_temp_folder`, `publish_folder`), on the same principle.
 
 A writer killed outright (SIGKILL, power loss) cannot delete its temp file, and a shard's can be
 gigabytes. So temp files are named for their target, `.<name>.komt-tmp-XXXXXXXX`, and each writer holds
@@ -15,6 +15,7 @@ writer's lock keeps its file safe. (Without `fcntl`, on Windows, stale files are
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -90,3 +91,26 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_file(path) as f:
         f.write(text)
+
+
+def new_temp_folder(target: Path) -> Path:
+    """A fresh hidden folder beside `target`, `.<name>.XXXXXXXX.tmp`, to build `target` in."""
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+
+
+def publish_folder(tmp: Path, target: Path) -> Path:
+    """Rename the finished temp folder `tmp` to `target` (the commit point: readers see all of it or none)
+    and fsync their parent, so the rename outlives a power cut. `target` must not exist (or be empty)."""
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the result is an ordinary folder
+    os.replace(tmp, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return target
+
+
+def write_json_atomic(path: str | os.PathLike, data: object) -> None:
+    """`data` as indented JSON (UTF-8 text as is, not ASCII escapes) and a final newline, atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from komt.entry_point import run_entry_point
 from komt.interrupts import exit_on_interrupt, raise_on_interrupt
 
 
@@ -18,21 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("folder", help="checkpoint folder holding pytorch_model.bin or its shards + index")
     exit_on_interrupt()  # until torch is imported (komt.interrupts)
-    try:
-        args = parser.parse_args(argv)
-        from komt.errors import KomtError
-        from komt.model.convert import convert_to_safetensors
+    args = parser.parse_args(argv)
+    from komt.model.convert import convert_to_safetensors
 
-        raise_on_interrupt()  # writing: a Ctrl-C must reach atomic_file's cleanup
-        try:
-            convert_to_safetensors(args.folder, log=lambda line: print(line, file=sys.stderr))
-        except KomtError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+    def convert() -> int:
+        convert_to_safetensors(args.folder, log=lambda line: print(line, file=sys.stderr))
+        return 0
+
+    raise_on_interrupt()  # writing: a Ctrl-C must reach atomic_file's cleanup
+    return run_entry_point(convert)
 
 
 if __name__ == "__main__":

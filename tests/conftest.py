@@ -75,11 +75,17 @@ def match_kernels_to_interpreter() -> None:
     from kernels._launch import interpreting
 
     want = interpreting()
-    for name in [n for n in sys.modules if n.startswith("kernels.")]:  # import order: dependencies first
-        module = sys.modules[name]
-        made = [v for v in vars(module).values() if isinstance(v, (JITFunction, InterpretedFunction))]
-        if any(isinstance(v, InterpretedFunction) != want for v in made):
+
+    def stale() -> list:
+        """Kernel modules holding a kernel of the other kind, made there or imported (a shared jit helper)."""
+        modules = [sys.modules[n] for n in list(sys.modules) if n.startswith("kernels.")]
+        return [m for m in modules if any(isinstance(v, InterpretedFunction) != want for v in vars(m).values()
+                                          if isinstance(v, (JITFunction, InterpretedFunction)))]
+
+    for _ in range(3):  # a module that imports another's jit helper may be reloaded before it: once more then
+        for module in stale():
             importlib.reload(module)
+    assert not stale(), "kernel modules still hold kernels made under the other TRITON_INTERPRET"
 
 
 @contextlib.contextmanager
@@ -164,6 +170,32 @@ def write_checkpoint(model, folder: Path, tokenizer: bool = False) -> Path:
     if tokenizer:
         shutil.copy(FIXTURES / "tokenizer" / "tokenizer.model", folder / "tokenizer.model")
     return folder
+
+
+def write_shards(folder: Path, n: int, fmt: str = "safetensors", weight_map_of=lambda real: real,
+                 index_name: str | None = None) -> None:
+    """Replace `folder`'s model.safetensors by n shards written by the reference libraries (safetensors'
+    `save_file`, or `torch.save` for fmt "bin") plus an index whose weight_map is `weight_map_of(real map)`.
+
+    The sorted tensor names are dealt round-robin (shard k holds names[k-1::n]), so no shard holds a run of
+    consecutive tensors: the loader must follow the index, not the order.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from komt.model.checkpoint_writer import shard_file_name
+
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    stem, suffix = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    names = sorted(state)
+    weight_map = {}
+    for k in range(1, n + 1):
+        filename = shard_file_name(k, n, stem, suffix)
+        part = {name: state[name] for name in names[k - 1::n]}
+        save_file(part, folder / filename) if fmt == "safetensors" else torch.save(part, folder / filename)
+        weight_map.update({name: filename for name in part})
+    index = {"metadata": {}, "weight_map": weight_map_of(weight_map)}
+    (folder / (index_name or f"{stem}.{suffix}.index.json")).write_text(json.dumps(index))
 
 
 def smollm2_gguf() -> Path:

@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import torch
 
 from komt.generate import bench
@@ -37,5 +38,7 @@ def test_bench_prints_a_row_per_run(capsys):
 def test_bench_batch_and_bad_values(capsys):
     assert bench.main(["--preset", "tiny-mistral-32k", "--batch-size", "3", "--new-tokens", "4", "--repeat", "1",
                        "--device", "cpu"]) == 0
-    assert bench.main(["--preset", "tiny-mistral-32k", "--new-tokens", "0"]) == 2
-    assert "error: --new-tokens must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--preset", "tiny-mistral-32k", "--new-tokens", "0"])
+    assert exit_info.value.code == 2
+    assert "error: argument --new-tokens: must be a positive integer, got '0'" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import komt
+from conftest import write_shards
 from komt.errors import CheckpointError, ConfigError
 from komt.model.convert import convert_to_safetensors
 from komt.model.hub import cached_snapshot, resolve_model_path
@@ -43,40 +44,15 @@ def state_of(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
-def shard_state(state: dict, n: int) -> list[dict]:
-    names = sorted(state)
-    return [{k: state[k] for k in names[i::n]} for i in range(n)]
-
-
-def write_sharded_safetensors(folder: Path, state: dict, n: int = 3) -> None:
-    (folder / "model.safetensors").unlink()
-    weight_map = {}
-    for k, part in enumerate(shard_state(state, n), start=1):
-        filename = f"model-{k:05d}-of-{n:05d}.safetensors"
-        save_file(part, folder / filename)
-        weight_map.update({name: filename for name in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
-def write_bin_shards(folder: Path, state: dict, n: int = 2) -> None:
-    (folder / "model.safetensors").unlink()
-    weight_map = {}
-    for k, part in enumerate(shard_state(state, n), start=1):
-        filename = f"pytorch_model-{k:05d}-of-{n:05d}.bin"
-        torch.save(part, folder / filename)
-        weight_map.update({name: filename for name in part})
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
 # --- layouts -------------------------------------------------------------------------------------------
 
 def test_sharded_safetensors_load_identically(mistral, expected):
-    write_sharded_safetensors(mistral, state_of(mistral))
+    write_shards(mistral, 3)
     torch.testing.assert_close(logits_of(komt.load_model(mistral), expected), expected["logits"], atol=1e-4, rtol=0)
 
 
 def test_bin_shards_load_directly_and_convert(mistral, expected):
-    write_bin_shards(mistral, state_of(mistral))
+    write_shards(mistral, 2, fmt="bin")
     direct = logits_of(komt.load_model(mistral), expected)
     torch.testing.assert_close(direct, expected["logits"], atol=1e-4, rtol=0)
     bins_before = {p.name: p.read_bytes() for p in mistral.glob("*.bin")}
@@ -98,7 +74,7 @@ def test_single_bin_file_loads(mistral, expected):
 
 
 def test_convert_cli(mistral):
-    write_bin_shards(mistral, state_of(mistral))
+    write_shards(mistral, 2, fmt="bin")
     run = subprocess.run([sys.executable, "-m", "komt.convert", str(mistral)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (mistral / "model.safetensors.index.json").exists()
@@ -110,7 +86,7 @@ def test_convert_cli(mistral):
 def test_convert_killed_mid_write_leaves_a_temp_file_the_next_run_removes(mistral, tmp_path):
     """A real SIGKILL while a shard is being written: the temp file is named for its target and the next
     conversion deletes it (its writer's flock died with it), then converts as if nothing happened."""
-    write_bin_shards(mistral, state_of(mistral))
+    write_shards(mistral, 2, fmt="bin")
     # Slow the writer down so that the kill lands mid-write: each tensor's bytes wait 0.2 s.
     slow = tmp_path / "slow_convert.py"
     slow.write_text(
@@ -345,7 +321,7 @@ def test_unsupported_model_type(mistral):
 
 
 def test_missing_shard_named_in_index(mistral):
-    write_sharded_safetensors(mistral, state_of(mistral))
+    write_shards(mistral, 3)
     (mistral / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors is missing"):
         komt.load_model(mistral)

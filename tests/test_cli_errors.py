@@ -19,7 +19,7 @@ import torch
 import komt
 from conftest import write_checkpoint
 from komt.generate import cli, generate
-from komt.generate.prompt import format_chat, format_prompt
+from komt.generate.prompt import format_chat, prompt_format, format_prompt
 from komt.generate.tokenizer import load_tokenizer
 from komt.model import Transformer, preset
 
@@ -69,7 +69,7 @@ GEN = f"{sys.executable} -m komt.generate --max-new-tokens 3 --device cpu"
          "kernels triton (from --kernels or KOMT_KERNELS) needs a CUDA device, not cpu; use torch kernels on the CPU"),
         ("{gen} --model {ckpt} --prompt hi --device gpu0", {}, "unknown device 'gpu0'; use cpu, cuda or cuda:N"),
         ("{gen} --model {ckpt} --prompt hi --max-new-tokens 5000", {},
-         "the prompt is {n} tokens and --max-new-tokens 5000: together past the model's context of 4096; "
+         "the prompt has {n} tokens and --max-new-tokens is 5000: together past the model's context of 4096; "
          "use --max-new-tokens {room} or less"),
     ],
     ids=["stdin-closed", "chat-stdin-closed", "stdin-not-utf8", "prompt-not-utf8", "stop-not-utf8", "stdout-dev-full",
@@ -113,6 +113,42 @@ def test_sigint_during_start_up_exits_130_without_a_traceback(checkpoint, delay)
     assert b"Traceback" not in err and b"Exception ignored" not in err, err.decode(errors="replace")
 
 
+def _torch_is_loading(pid: int) -> bool:
+    """True once torch's shared libraries are mapped into the process: its import is under way."""
+    try:
+        return "/torch/lib/" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+# Each entry point with arguments it would get past parsing with (it is interrupted long before using them).
+ENTRY_POINTS = {
+    "serve": ["komt.serve", "--model", "{ckpt}", "--device", "cpu", "--port", "0"],
+    "train": ["komt.train", "--model", "{ckpt}", "--data", "{tmp}/data.jsonl", "--output", "{tmp}/run",
+              "--max-steps", "1"],
+    "eval": ["komt.eval", "--model", "{ckpt}", "--perplexity", "{tmp}/text.txt"],
+    "quantize": ["komt.quantize", "{ckpt}", "{tmp}/int8", "--bits", "8"],
+    "export": ["komt.export", "gguf", "{ckpt}", "{tmp}/model.gguf"],
+}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps (Linux)")
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_sigint_while_an_entry_point_imports_torch_exits_130_without_a_traceback(checkpoint, tmp_path, name):
+    """SIGINT the moment torch's libraries are being loaded, the most fragile part of start-up (before
+    komt.interrupts was wired into these entry points: a KeyboardInterrupt traceback out of the import)."""
+    args = [a.format(ckpt=checkpoint, tmp=tmp_path) for a in ENTRY_POINTS[name]]
+    child = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             cwd=ROOT, env=child_env())
+    deadline = time.monotonic() + 60
+    while not _torch_is_loading(child.pid) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err.decode(errors="replace")
+    assert b"Traceback" not in err and b"Exception ignored" not in err, err.decode(errors="replace")
+
+
 # ---- --chat --prompt, and the context rule in a chat ------------------------------------------------------
 
 def _main(args, stdin_text, monkeypatch):
@@ -145,12 +181,13 @@ def test_chat_history_is_dropped_to_make_room_for_max_new_tokens(tok):
     full = len(format_chat(tok, messages))
     last = len(format_chat(tok, messages[2:]))
     kept = list(messages)
-    assert cli.fit_history(tok, kept, context=full + 10, max_new_tokens=10) == format_chat(tok, messages)
+    fmt = prompt_format(tok, "card")  # komt's own: the Mistral chat format of format_chat
+    assert cli.fit_history(fmt, kept, context=full + 10, max_new_tokens=10) == format_chat(tok, messages)
     assert len(kept) == 3
-    cli.fit_history(tok, kept, context=full + 10, max_new_tokens=11)  # one token short: the oldest pair goes
+    cli.fit_history(fmt, kept, context=full + 10, max_new_tokens=11)  # one token short: the oldest pair goes
     assert kept == messages[2:]
-    with pytest.raises(komt.GenerationError, match=f"the message is {last} tokens and --max-new-tokens 20: together"):
-        cli.fit_history(tok, kept, context=last + 10, max_new_tokens=20)
+    with pytest.raises(komt.GenerationError, match=f"the message has {last} tokens and --max-new-tokens is 20: together"):
+        cli.fit_history(fmt, kept, context=last + 10, max_new_tokens=20)
 
 
 def test_help_states_the_context_rule(capsys):

@@ -140,9 +140,9 @@ def test_each_swapped_out_layer_is_freed_before_the_next_one_is_converted(monkey
     model = random_model(config, torch.device("cpu"), torch.float32, quantize=QuantizeSpec("int4"))
     real, swapped, alive_at_each_call = cpu_layouts._cpu_variant, [], []
 
-    def watching(module, threads):
+    def watching(module, threads, **options):
         alive_at_each_call.append(sum(ref() is not None for ref in swapped))
-        new = real(module, threads)
+        new = real(module, threads, **options)
         if new is not None:
             swapped.append(weakref.ref(module))
         return new

@@ -67,6 +67,22 @@ def test_batched_equals_single(mistral):
     assert generate_batch(mistral, prompts, max_new_tokens=15) == solo
 
 
+def test_seeded_batch_row_b_equals_a_solo_generation_seeded_seed_plus_b(mistral):
+    prompts = [[1, 5, 9], [1, 200, 300, 400], [1, 2]]
+    kwargs = {"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.9, "repetition_penalty": 1.1}
+    batch = generate_batch(mistral, prompts, seed=7, **kwargs)
+    assert batch == [generate(mistral, p, seed=7 + b, **kwargs) for b, p in enumerate(prompts)]
+
+
+def test_generate_and_stream_text_share_one_decoding_state(model_32k, tokenizer):
+    """The text stream of a generation is the streaming decode of its ids, EOS and limit alike."""
+    prompt = tokenizer.encode("[INST]부산 여행 [/INST]")
+    for max_new in (1, 7, 25):
+        ids = generate(model_32k, prompt, max_new_tokens=max_new, eos_id=tokenizer.eos_id)
+        text = "".join(stream_text(model_32k, tokenizer, prompt, max_new_tokens=max_new))
+        assert text == tokenizer.decode(ids)
+
+
 def test_batched_prompt_and_max_new_tokens_past_the_context_is_refused(mistral):
     """One rule for generate, generate_batch, the CLI and the server: prompt + max_new_tokens must fit."""
     long = [1] + [7] * (mistral.config.max_position_embeddings - 4)  # room for 3 new tokens only
@@ -198,6 +214,20 @@ def test_compiled_decode_step_generates_the_same_tokens(mistral):
     # a different prompt length reuses the compiled step (the static cache is bucketed)
     assert generate(mistral, prompt[:3], max_new_tokens=20, compile_mode="default") == \
         _full_recompute_greedy(mistral, prompt[:3], 20)
+
+
+@pytest.mark.slow
+def test_a_compiled_batch_decodes_the_tokens_of_an_eager_batch(mistral):
+    """`generate_batch(compile_mode=...)` compiles its batched step (bench --batch-size 2 --compile ran eager)."""
+    import torch._dynamo
+
+    prompts = [[1, 5, 9], [1, 200, 300, 400, 500, 600, 700, 800, 900, 17, 4]]
+    want = generate_batch(mistral, prompts, max_new_tokens=20)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    assert generate_batch(mistral, prompts, max_new_tokens=20, compile_mode="default") == want
+    assert counters["stats"]["unique_graphs"] >= 1  # it really compiled
 
 
 @pytest.mark.cuda

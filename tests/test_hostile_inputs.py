@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import komt
-from conftest import FIXTURES
+from conftest import FIXTURES, write_shards
 from komt.errors import CheckpointError, ConfigError, TokenizerError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,19 +111,7 @@ def config_text(text: str) -> Callable[[Path], None]:
 def sharded(weight_map_of: Callable[[dict], object], index_name: str = "model.safetensors.index.json"):
     """Two real shards plus an index whose weight_map is whatever `weight_map_of(real_map)` returns."""
 
-    def apply(folder: Path) -> None:
-        state = load_file(folder / "model.safetensors")
-        (folder / "model.safetensors").unlink()
-        names = sorted(state)
-        weight_map = {}
-        for k, part in enumerate((names[::2], names[1::2]), start=1):
-            filename = f"model-{k:05d}-of-00002.safetensors"
-            save_file({n: state[n] for n in part}, folder / filename)
-            weight_map.update({n: filename for n in part})
-        index = {"metadata": {}, "weight_map": weight_map_of(weight_map)}
-        (folder / index_name).write_text(json.dumps(index))
-
-    return apply
+    return lambda folder: write_shards(folder, 2, weight_map_of=weight_map_of, index_name=index_name)
 
 
 def outside_shard(name: str) -> Callable[[Path], None]:

@@ -145,3 +145,25 @@ def test_custom_ops_compute_what_the_functions_compute(triton_device):
     torch.testing.assert_close(ops.attention_op(q[:, :, :1], k, v, True, None, None, None, None),
                                kernels.attention(q[:, :, :1], k, v))
     torch.testing.assert_close(ops.rms_norm_op(x, w, 1e-6), kernels.rms_norm(x, w, 1e-6))
+
+
+def test_importing_komt_and_kernels_registers_no_op():
+    """Nothing registers at import (issue 13): custom ops appear on first use only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, komt, kernels, komt.model.cpu_layouts, komt.generate\n"
+        "for ns, name in (('kernels', 'attention'), ('kernels', 'rms_norm'), ('kernels', 'int8_matmul'), "
+        "('komt', 'block_gemv')):\n"
+        "    try:\n"
+        "        getattr(getattr(torch.ops, ns), name)\n"
+        "        raise SystemExit(f'{ns}::{name} registered at import')\n"
+        "    except (AttributeError, RuntimeError):\n"
+        "        pass\n"
+        "from kernels import ops\n"
+        "ops.attention_op\n"
+        "torch.ops.kernels.attention  # registered on first use\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr + run.stdout

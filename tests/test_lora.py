@@ -22,6 +22,7 @@ from komt.model.lora import (
     count_parameters,
     inject_lora,
     load_adapter,
+    lora_disabled,
     lora_state_dict,
     merge_lora,
     save_adapter,
@@ -84,17 +85,22 @@ def test_peft_fixture_adapter_reproduces_expected_logits(expected):
     assert (logits_of(komt.load_model(BASE), input_ids) - want).abs().max() > 0.1
 
 
-def test_loaded_adapter_equals_explicitly_added_delta_weights(expected):
-    """Independent of LoRALinear's forward: W + (alpha/r) B A written into a plain model gives the same logits."""
-    input_ids, want = expected
-    model = komt.load_model(BASE)
-    f = SafetensorsFile(ADAPTER / "adapter_model.safetensors")
+def add_adapter_by_hand(model: nn.Module, adapter: Path, scale: float) -> nn.Module:
+    """`model` with W += scale * B A written into each plain weight from a PEFT adapter folder's file: the
+    adapter's effect computed without LoRALinear."""
+    f = SafetensorsFile(adapter / "adapter_model.safetensors")
     with torch.no_grad():
         for key in f.keys():
             if ".lora_A." in key:
                 module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                b = f.tensor(key.replace("lora_A", "lora_B"))
-                model.get_submodule(module).weight += (32 / 8) * b @ f.tensor(key)
+                model.get_submodule(module).weight += scale * f.tensor(key.replace("lora_A", "lora_B")) @ f.tensor(key)
+    return model
+
+
+def test_loaded_adapter_equals_explicitly_added_delta_weights(expected):
+    """Independent of LoRALinear's forward: W + (alpha/r) B A written into a plain model gives the same logits."""
+    input_ids, want = expected
+    model = add_adapter_by_hand(komt.load_model(BASE), ADAPTER, scale=32 / 8)
     assert torch.allclose(logits_of(model, input_ids), want, atol=1e-4, rtol=0)
 
 
@@ -186,6 +192,46 @@ def test_dropout_acts_on_the_lora_path_in_training_only():
     assert not torch.equal(layer(x), layer(x))
 
 
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_keeps_the_expected_lora_output(p):
+    """Inverted dropout (nn.Dropout's contract): kept inputs are scaled by 1 / (1 - p), so the LoRA output
+    averaged over many masks equals the no-dropout output. Without the rescale the mean would be (1 - p)
+    times too small: at p = 0.5 half, at p = 0.05 5 %, both far outside the bound checked here."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 8, bias=False), r=4, alpha=8, dropout=p)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(1, 16)
+    base = x @ layer.base_layer.weight.T  # (1, 8)
+    layer.eval()
+    want = layer(x) - base  # the update without dropout
+    layer.train()
+    draws = 20000
+    with torch.no_grad():
+        updates = layer(x.expand(draws, 16)) - base  # (draws, 8): one mask per row
+    mean, sem = updates.mean(0), updates.std(0) / math.sqrt(draws)
+    assert ((mean - want[0]).abs() <= 5 * sem + 1e-6).all(), (mean, want)
+    assert ((mean - (1 - p) * want[0]).abs() > 5 * sem).any()  # the un-rescaled mean is excluded
+    # and exactly nn.Dropout's values: each input is 0 or x / (1 - p)
+    ones = torch.ones(4096, 16)
+    kept = layer.dropout(ones)
+    values = kept.unique()
+    assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / (1 - p), rel=1e-6)
+
+
+def test_lora_disabled_gives_the_base_layer_and_restores_the_adapter(expected):
+    input_ids, want = expected
+    model = komt.load_model(BASE, adapter=ADAPTER)
+    with lora_disabled(model):
+        assert torch.allclose(logits_of(model, input_ids), logits_of(komt.load_model(BASE), input_ids), atol=0, rtol=0)
+    assert torch.allclose(logits_of(model, input_ids), want, atol=1e-4, rtol=0)
+    merge_lora(komt.load_model(BASE, adapter=ADAPTER))  # merge_lora swaps the layers out: nothing to disable
+    layer = LoRALinear(nn.Linear(4, 4, bias=False), r=2, alpha=2)
+    layer.merge()
+    with pytest.raises(ConfigError, match="cannot disable merged LoRA layers"):
+        with lora_disabled(layer):
+            pass
+
+
 def test_bf16_base_with_fp32_lora_trains_in_fp32():
     torch.manual_seed(0)
     base = nn.Linear(16, 8, bias=False, dtype=torch.bfloat16).requires_grad_(False)
@@ -255,13 +301,7 @@ def test_adapter_on_some_projections_only(tmp_path, expected):
     assert isinstance(model.model.layers[0].self_attn.k_proj, LoRALinear)
     assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
     assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
-    reference = komt.load_model(BASE)
-    f = SafetensorsFile(folder / "adapter_model.safetensors")
-    with torch.no_grad():
-        for key in f.keys():
-            if ".lora_A." in key:
-                module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                reference.get_submodule(module).weight += 4.0 * f.tensor(key.replace("lora_A", "lora_B")) @ f.tensor(key)
+    reference = add_adapter_by_hand(komt.load_model(BASE), folder, scale=4.0)
     assert torch.allclose(logits_of(model, input_ids), logits_of(reference, input_ids), atol=1e-4, rtol=0)
 
 

@@ -189,3 +189,26 @@ def test_cpu_int8_layout_survives_an_unaligned_weight():
     cpu = Int8CPULinear(layer)
     x = torch.randn(7, 64)
     assert_close_bf16(cpu(x), layer(x))
+
+
+@pytest.mark.parametrize("make", [lambda w: Int8CPULinear(Int8Linear.from_dense(w)),
+                                  lambda w: Int8GroupedCPULinear(Int8Linear.from_dense(w, 32), keep_exact=True),
+                                  lambda w: Int4CPULinear(Int4Linear.from_dense(w, 32), keep_exact=True)])
+def test_precise_head_recomputes_the_top_logits_exactly(make):
+    """bf16 kernel logits tie near-equal tokens; the head's candidates must be the exact fp32 products."""
+    from komt.model.cpu_quantized import PreciseHead
+
+    layer = make(_weight(1024, 256) * 20)  # logits of magnitude ~20, where bf16's step is 0.125
+    head = PreciseHead(layer, top=16)
+    x = torch.randn(3, 1, 256)
+    exact = x.float() @ _exact_dense(layer).T
+    got = head(x)
+    top = exact.topk(8, dim=-1).indices  # well inside the head's 16 candidates (chosen by the bf16 values)
+    torch.testing.assert_close(got.gather(-1, top), exact.gather(-1, top), atol=1e-4, rtol=1e-5)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    assert (layer(x) - exact).abs().max() > 1e-2  # the kernel alone is visibly coarser
+
+
+def _exact_dense(layer):
+    """All rows by `exact_rows`, checked against the canonical layer's dequantization it came from."""
+    return layer.exact_rows(torch.arange(layer.out_features))

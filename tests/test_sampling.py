@@ -10,6 +10,8 @@ from komt.generate.sampling import (
     SamplingParams,
     apply_repetition_penalty,
     sample,
+    sample_batch,
+    token_logprobs,
     top_k_filter,
     top_p_filter,
 )
@@ -147,3 +149,57 @@ def test_temperature_divides_the_logits(temperature):
     stat, dof = chi_square(counts, want)
     assert stat < CHI2_999[dof], (stat, dof)
     assert 0.5 * (counts / n - want).abs().sum() < 0.02  # total variation
+
+
+# ---- one batched call for rows with their own settings ----------------------------------------------------
+
+ROW_PARAMS = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(),  # greedy
+              SamplingParams(temperature=1.3, top_p=0.8, repetition_penalty=1.2),
+              SamplingParams(temperature=1.0, top_k=20, top_p=0.5)]
+
+
+def test_a_batch_row_samples_exactly_as_the_same_request_alone():
+    """Row b of `sample_batch` (its params, its generator) == `sample` on row b alone with the same seed."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300)
+    seen = torch.rand(4, 300) < 0.1
+    for step in range(5):  # several draws: the generators advance the same way alone and batched
+        generators = [torch.Generator().manual_seed(10 + b) for b in range(4)]
+        alone = [torch.Generator().manual_seed(10 + b) for b in range(4)]
+        for _ in range(step):
+            sample_batch(logits, ROW_PARAMS, generators, seen)
+            for b in range(4):
+                sample(logits[b : b + 1], ROW_PARAMS[b], alone[b], seen[b : b + 1])
+        batched = sample_batch(logits, ROW_PARAMS, generators, seen)
+        solo = torch.cat([sample(logits[b : b + 1], ROW_PARAMS[b], alone[b], seen[b : b + 1]) for b in range(4)])
+        assert torch.equal(batched, solo)
+
+
+def test_per_row_filters_equal_the_shared_ones():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50)
+    ks, ps = [3, 0, 60], [0.3, 1.0, 0.9]
+    by_row = top_k_filter(logits, torch.tensor(ks))
+    assert all(torch.equal(by_row[b], top_k_filter(logits[b : b + 1], k)[0]) for b, k in enumerate(ks))
+    by_row = top_p_filter(logits, torch.tensor(ps))
+    assert all(torch.equal(by_row[b], top_p_filter(logits[b : b + 1], p)[0]) for b, p in enumerate(ps))
+
+
+def test_a_tiny_temperature_is_greedy_and_never_nan():
+    logits = torch.randn(8, 100) * 30
+    assert torch.equal(sample(logits, SamplingParams(temperature=1e-300)), logits.argmax(-1))
+
+
+def test_logprobs_are_the_raw_log_softmax():
+    logits = torch.randn(2, 30)
+    chosen, values, ids = token_logprobs(logits, torch.tensor([4, 7]), top=3)
+    reference = logits.log_softmax(-1)
+    torch.testing.assert_close(chosen, reference[[0, 1], [4, 7]])
+    torch.testing.assert_close(values, reference.topk(3).values)
+    assert torch.equal(ids, reference.topk(3).indices)
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 0.001, 101.0])
+def test_a_penalty_outside_its_range_is_refused(penalty):
+    with pytest.raises(GenerationError, match=r"repetition_penalty must be > 0, in \[0.01, 100\]"):
+        SamplingParams(repetition_penalty=penalty)

@@ -17,163 +17,34 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import write_checkpoint
 import torch
 
-httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install 'komt[test]')")
-uvicorn = pytest.importorskip("uvicorn", reason="the serve tests need uvicorn (pip install 'komt[serve]')")
-pytest.importorskip("fastapi", reason="the serve tests need fastapi (pip install 'komt[serve]')")
+from serving import (  # noqa: F401, F811 (checkpoint, model, tokenizer, server, client, slow_model: fixtures)
+    MODEL_NAME,
+    chat,
+    chat_ids,
+    checkpoint,
+    client,
+    httpx,
+    model,
+    reference,
+    scrape,
+    server,
+    serving,
+    slow_model,
+    sse_events,
+    stream_chat,
+    tokenizer,
+    wait_for,
+)
 
 from komt import load_model, load_tokenizer
-from komt.generate import generate
-from komt.generate.prompt import format_chat
-from komt.model import Transformer, preset
-from komt.serve import Engine, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
-MODEL_NAME = "tiny"
-
-
-# ---- fixtures: a checkpoint, a model, servers --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-mistral-32k")
-    config = preset("tiny-mistral-32k")
-    torch.manual_seed(0)
-    model = Transformer(config)
-    write_checkpoint(model, folder, tokenizer=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return load_model(checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(checkpoint):
-    return load_tokenizer(checkpoint)
-
-
-@contextmanager
-def serving(model, tokenizer, *, max_batch=4, max_queue=16, **app_kwargs):
-    """A uvicorn server in a thread, on a free port of 127.0.0.1, over a fresh Engine; yields (url, engine)."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
-    app = create_app(engine, model_name=MODEL_NAME, **app_kwargs)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
-
-
-@pytest.fixture(scope="module")
-def server(model, tokenizer):
-    with serving(model, tokenizer, max_batch=4, max_body_bytes=64 * 1024) as (url, _engine):
-        yield url
-
-
-@pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server, timeout=60) as c:
-        yield c
-
-
-@contextmanager
-def slowed(model, seconds_per_forward: float):
-    """Make every forward of `model` take at least this long, so a generation stays in flight while we look."""
-    handle = model.register_forward_pre_hook(lambda *_: time.sleep(seconds_per_forward))
-    try:
-        yield model
-    finally:
-        handle.remove()
-
-
-@pytest.fixture()
-def slow_model(checkpoint):
-    """A separate model instance (the module's shared one stays fast), 10 ms per forward."""
-    model = load_model(checkpoint, device="cpu")
-    with slowed(model, 0.01):
-        yield model
-
-
-# ---- helpers ----------------------------------------------------------------------------------------------
-
-
-def chat_ids(tokenizer, text):
-    return format_chat(tokenizer, [{"role": "user", "content": text}])
-
-
-def reference(model, tokenizer, prompt_ids, max_tokens, **sampling):
-    """What `komt.generate` produces for the prompt: (text, new ids, finish reason)."""
-    sampling.setdefault("temperature", 0.0)
-    ids = generate(model, prompt_ids, max_new_tokens=max_tokens, eos_id=tokenizer.eos_id, **sampling)
-    return tokenizer.decode(ids), ids, "length" if len(ids) == max_tokens else "stop"
-
-
-def chat(client, text, **fields):
-    body = {"messages": [{"role": "user", "content": text}], "temperature": 0, **fields}
-    response = client.post("/v1/chat/completions", json=body)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def sse_events(response):
-    """The JSON payloads of an SSE response, each event's bytes decoded as strict UTF-8, until [DONE]."""
-    buffer, events = b"", []
-    for data in response.iter_bytes():
-        buffer += data
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            line = event.decode("utf-8")  # strict: an event never carries half a character
-            assert line.startswith("data: "), line
-            if line == "data: [DONE]":
-                return events
-            events.append(json.loads(line[len("data: "):]))
-    raise AssertionError(f"stream ended without data: [DONE] after {len(events)} events")
-
-
-def stream_chat(client, text, **fields):
-    body = {"messages": [{"role": "user", "content": text}], "temperature": 0, "stream": True, **fields}
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        return sse_events(response)
-
-
-def scrape(url, **headers):
-    """/metrics as {'name{labels}': value}."""
-    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            samples[key] = float(value)
-    return samples
-
-
-def wait_for(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 # ---- the API ----------------------------------------------------------------------------------------------
@@ -188,7 +59,8 @@ def test_chat_completion_equals_generate(client, model, tokenizer):
     assert choice["message"] == {"role": "assistant", "content": expected}
     assert choice["finish_reason"] == reason
     assert body["usage"] == {"prompt_tokens": len(chat_ids(tokenizer, text)), "completion_tokens": len(ids),
-                             "total_tokens": len(chat_ids(tokenizer, text)) + len(ids)}
+                             "total_tokens": len(chat_ids(tokenizer, text)) + len(ids),
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_completion_endpoint_encodes_raw_prompt_with_bos(client, model, tokenizer):
@@ -223,8 +95,11 @@ def test_streamed_chunks_reassemble_to_the_non_streamed_answer(client):
     assert len([p for p in pieces if p]) > 1  # it really streamed
     last, usage_chunk = events[-2], events[-1]
     assert last["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
-    assert last["usage"] == full["usage"]
-    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
+    # The same prompt a second time: its full KV blocks come from the prefix cache (16 tokens a block, the
+    # last prompt token always recomputed).
+    prompt_tokens = full["usage"]["prompt_tokens"]
+    assert last["usage"] == {**full["usage"], "prompt_tokens_details": {"cached_tokens": (prompt_tokens - 1) // 16 * 16}}
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == last["usage"]
 
 
 def test_streamed_completion_reassembles(client):
@@ -333,7 +208,7 @@ def test_client_disconnect_frees_the_slot(slow_model, tokenizer):
         # A non-streamed request whose client goes away is dropped too.
         raw = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
         payload = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000}).encode()
-        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
         wait_for(lambda: scrape(url)["komt_running_requests"] == 1, 5, "the request to start")
         raw.close()
@@ -417,10 +292,10 @@ class ScriptedModel(torch.nn.Module):
         self.model.embed_tokens = torch.nn.Embedding(1, 1)  # where the engine reads the device and dtype
         self.script, self.start = torch.tensor(script), start
 
-    def forward(self, input_ids, positions=None, cache=None, last_only=False):
+    def forward(self, input_ids, positions=None, cache=None, last_only=False, logits_at=None):
         tokens = self.script[(positions - self.start).clamp(0, len(self.script) - 1)]  # (B, T)
         logits = torch.zeros(*tokens.shape, self.config.vocab_size).scatter_(-1, tokens[..., None], 1.0)
-        return logits[:, -1:] if last_only else logits
+        return logits[:, -1:] if last_only else logits if logits_at is None else logits[:, logits_at]
 
 
 def test_korean_streams_whole_characters_from_byte_tokens(tokenizer, model):
@@ -465,7 +340,12 @@ INVALID = [
     ("content not text", {"messages": [{"role": "user", "content": 7}]}, 400, "messages"),
     ("frequency_penalty", {"messages": MESSAGES, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ("top_p zero", {"messages": MESSAGES, "top_p": 0}, 400, "top_p"),
-    ("n of 2", {"messages": MESSAGES, "n": 2}, 400, "n"),
+    ("n true", {"messages": MESSAGES, "n": True}, 400, "n"),
+    ("n past the limit", {"messages": MESSAGES, "n": 17}, 400, "n"),
+    ("repetition_penalty 1e-300", {"messages": MESSAGES, "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+    ("top_logprobs without logprobs", {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("top_logprobs past 20", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("logprobs not a bool", {"messages": MESSAGES, "logprobs": 1}, 400, "logprobs"),
     ("unknown model", {"messages": MESSAGES, "model": "gpt-4"}, 404, "model"),
 ]
 
@@ -503,7 +383,7 @@ def test_oversized_bodies_get_413(client):
         for _ in range(100):
             yield b"x" * 1024
 
-    response = client.post("/v1/chat/completions", content=chunks())
+    response = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
 
@@ -572,18 +452,23 @@ def _env():
     return env
 
 
-def test_cli_reports_bad_input_as_one_error_line(tmp_path, capsys):
-    from komt.serve.__main__ import main
+def test_cli_reports_bad_input_as_one_error_line_and_bad_flags_as_argparse_does(tmp_path, capsys):
+    from komt.serve.cli import main
 
-    for argv in (["--model", str(tmp_path / "missing")], ["--model", str(tmp_path), "--max-batch", "0"],
-                 ["--model", str(tmp_path), "--timeout", "-1"]):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert main(["--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for flag, value, message in (("--max-batch", "0", "must be a positive integer, got '0'"),
+                                 ("--timeout", "-1", "must be a number in [0, inf), got '-1'"),
+                                 ("--port", "70000", "must be an integer in [0, 65535], got '70000'")):
+        with pytest.raises(SystemExit) as exit_info:  # argparse's: its usage line, then the error
+            main(["--model", str(tmp_path), flag, value])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {message}")
 
 
 def test_missing_serve_extra_names_the_install_command(monkeypatch, tmp_path, capsys):
-    from komt.serve.__main__ import main
+    from komt.serve.cli import main
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: import raises ImportError
     assert main(["--model", str(tmp_path)]) == 2
@@ -705,6 +590,9 @@ def test_chat_page_streams_answers_keeps_the_conversation_and_resets(server, cli
     try:
         browser.call("Page.navigate", url=server + "/")
         wait_for(lambda: browser.js("(document.getElementById('model') || {}).textContent") == MODEL_NAME, 20, "page load")
+        # The page runs under its CSP: its own script works (the model name above), an injected one does not.
+        assert browser.js("(() => { const s = document.createElement('script'); s.textContent = 'window.injected = 1';"
+                          " document.body.appendChild(s); return window.injected === undefined; })()")
         browser.js("document.getElementById('temperature').value = '0';"
                    "document.getElementById('max-tokens').value = '24'")
 

@@ -62,7 +62,9 @@ def test_render_has_help_and_type_for_every_family():
     assert families == [line.split()[2] for line in lines if line.startswith("# HELP")]
     assert {"komt_http_requests_total", "komt_prompt_tokens_total", "komt_generation_tokens_total",
             "komt_queue_depth", "komt_running_requests", "komt_time_to_first_token_seconds",
-            "komt_time_per_output_token_seconds", "komt_decode_batch_size"} <= set(families)
+            "komt_time_per_output_token_seconds", "komt_decode_batch_size", "komt_scheduled_tokens",
+            "komt_preemptions_total", "komt_kv_blocks_used", "komt_kv_blocks_free", "komt_prefix_cache_queries_total",
+            "komt_prefix_cache_hits_total", "komt_prefix_cache_hit_rate"} <= set(families)
     assert "komt_queue_depth 3" in lines
     assert 'komt_time_to_first_token_seconds_bucket{le="0.25"} 1' in lines
     assert 'komt_time_to_first_token_seconds_bucket{le="0.1"} 0' in lines

@@ -172,21 +172,32 @@ def test_stop_matcher_is_independent_of_how_text_is_split():
         assert ("".join(out) + rest, stopped) == _cut_one_char_at_a_time(stops, full), (stops, pieces)
 
 
-def test_decoder_and_stop_matcher_stop_inside_byte_fallback_korean(tok):
-    text = EXPECTED["encode_no_bos"][0]["text"]  # "... 1박2일로 혼자 여행하려고 ..."; 혼 is three byte tokens
-    decoder, matcher, out = StreamDecoder(tok), StopMatcher(["혼자"]), []
+def assert_streaming_stops_before(tok, text: str, stop: str) -> None:
+    """Decode `text`'s tokens one by one through StreamDecoder + StopMatcher: what comes out stops right
+    before `stop`, however its bytes are split into tokens."""
+    decoder, matcher, out = StreamDecoder(tok), StopMatcher([stop]), []
     for token_id in tok.encode(text, bos=False):
         emitted, stopped = matcher.push(decoder.push(token_id))
         out.append(emitted)
         if stopped:
             break
-    assert stopped and "".join(out) == text[: text.index("혼자")]
+    assert stopped and "".join(out) == text[: text.index(stop)]
+
+
+def test_decoder_and_stop_matcher_stop_inside_byte_fallback_korean(tok):
+    text = EXPECTED["encode_no_bos"][0]["text"]  # "... 1박2일로 혼자 여행하려고 ..."; 혼 is three byte tokens
+    assert_streaming_stops_before(tok, text, "혼자")
 
 
 # ---- the tokenizer.json / GGUF backends: tokenizers' ByteLevel and ByteFallback decoders, replayed --------
 
 BPE_FIXTURES = Path(__file__).parent / "fixtures"
 BPE_CORPUS = json.loads((BPE_FIXTURES / "tokenizer_refs.json").read_text(encoding="utf-8"))["corpus"]
+
+
+@pytest.fixture(scope="module", params=["smollm2-tokenizer", "mistral-tokenizer-json"])
+def bpe_tok_any(request):
+    return load_tokenizer(BPE_FIXTURES / request.param)
 
 
 @pytest.fixture(scope="module", params=["smollm2-tokenizer", "mistral-tokenizer-json"])
@@ -258,11 +269,17 @@ def test_byte_fallback_run_with_an_invalid_byte_becomes_replacements_like_decode
 
 def test_stop_string_inside_byte_level_korean():
     tok = load_tokenizer(BPE_FIXTURES / "smollm2-tokenizer")
-    text = EXPECTED["encode_no_bos"][0]["text"]
-    decoder, matcher, out = StreamDecoder(tok), StopMatcher(["혼자"]), []
-    for token_id in tok.encode(text, bos=False):
-        emitted, stopped = matcher.push(decoder.push(token_id))
-        out.append(emitted)
-        if stopped:
-            break
-    assert stopped and "".join(out) == text[: text.index("혼자")]
+    assert_streaming_stops_before(tok, EXPECTED["encode_no_bos"][0]["text"], "혼자")
+
+
+def test_token_bytes_spell_what_the_stream_decodes(tok, bpe_tok_any):
+    """Log-probabilities name tokens by `token_bytes`: joined, they decode to the streamed text (for valid
+    UTF-8; sentencepiece and byte-fallback streams also drop the first leading space)."""
+    from komt.generate.stream import token_bytes
+
+    for t in (tok, bpe_tok_any):
+        for text in ("안녕하세요, 세계!", "Hello world 🌏", " 서울 Seoul"):
+            ids = t.encode(text, bos=False)
+            joined = b"".join(token_bytes(t, i) for i in ids).decode("utf-8")
+            streamed = t.decode(ids)
+            assert joined == streamed or (t.stream_kind != "byte_level" and joined[1:] == streamed), (text, joined)

@@ -175,7 +175,8 @@ def test_other_decoders_are_refused_at_load(decoder):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("not json", "cannot read"),
+    ("not json", "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON: nested too deeply"),
     ('{"version": "1.0", "model": {"type": "Nope"}}', "tokenizers library can read"),
 ])
 def test_corrupt_tokenizer_json_raises_naming_it(tmp_path, content, message):
@@ -183,6 +184,19 @@ def test_corrupt_tokenizer_json_raises_naming_it(tmp_path, content, message):
     with pytest.raises(TokenizerError, match=message) as err:
         load_tokenizer(tmp_path)
     assert "tokenizer.json" in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[" * 100_000 + "]" * 100_000, "tokenizer_config.json: not valid JSON: nested too deeply"),
+    ('{"bos_token": "<s>", "bos_token": "</s>"}', "the key 'bos_token' appears twice"),
+    ("[1, 2]", "tokenizer_config.json must hold a JSON object, got list"),
+])
+def test_bad_tokenizer_config_json_is_one_line_error(tmp_path, content, message):
+    """Read as strictly as config.json (komt.jsonutil): before, deep nesting was a RecursionError traceback."""
+    shutil.copy(FIXTURES / "smollm2-tokenizer" / "tokenizer.json", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(content)
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(tmp_path)
 
 
 def test_config_naming_a_token_missing_from_the_vocabulary_is_an_error(tmp_path):

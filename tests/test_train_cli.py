@@ -74,7 +74,7 @@ def test_bad_files_are_one_line_errors(base, data, tmp_path, capsys):
     assert "no such data file" in error_of(["--model", str(base), "--data", str(tmp_path / "x.jsonl"), *common], capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n', encoding="utf-8")
-    assert f"{bad}:2: invalid JSON" in error_of(["--model", str(base), "--data", str(bad), *common], capsys)
+    assert f"{bad}:2: not valid JSON" in error_of(["--model", str(base), "--data", str(bad), *common], capsys)
     no_tok = tmp_path / "no-tok"
     shutil.copytree(base, no_tok)
     (no_tok / "tokenizer.model").unlink()

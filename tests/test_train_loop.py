@@ -51,10 +51,10 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
-def run(base: Path, data: Path, output: Path, **overrides) -> Path:
+def run(base: Path, data: Path, output: Path, log=None, **overrides) -> Path:
     settings = dict(max_steps=4, batch_size=4, lr=5e-3, warmup_steps=1, save_every=1000, seed=0)
     settings.update(overrides)
-    return train(TrainConfig(model=str(base), data=str(data), output=str(output), **settings), log=None)
+    return train(TrainConfig(model=str(base), data=str(data), output=str(output), **settings), log=log)
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -136,20 +136,31 @@ def test_checkpoints_are_complete_peft_adapters(base, data, tmp_path):
     assert not list(out.glob(".checkpoint-*"))
 
 
-def test_output_of_an_earlier_run_needs_resume(base, data, tmp_path):
+def test_output_of_a_finished_run_is_refused_and_resume_says_it_is_done(base, data, tmp_path):
     out = run(base, data, tmp_path / "run", max_steps=2)
-    with pytest.raises(ConfigError, match="already holds a training run"):
+    with pytest.raises(ConfigError, match=r"already holds a finished training run \(2 steps\)"):
         run(base, data, out, max_steps=2)
-    with pytest.raises(ConfigError, match="no checkpoint"):
-        run(base, data, out, max_steps=2, resume=True)
+    before = (out / "adapter_model.safetensors").read_bytes(), (out / "metrics.jsonl").read_text()
+    log = io.StringIO()
+    assert run(base, data, out, log=log, max_steps=2, resume=True) == out
+    assert "is a finished run (2 steps, final weights saved); nothing to do" in log.getvalue()
+    assert ((out / "adapter_model.safetensors").read_bytes(), (out / "metrics.jsonl").read_text()) == before
 
 
 def test_resume_with_different_settings_is_refused(base, data, tmp_path):
     out = run(base, data, tmp_path / "run", max_steps=3, save_every=2)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (out / name).unlink()  # as if killed after checkpoint-2
     with pytest.raises(ConfigError, match=r"--resume: .*checkpoint-2 was trained with lr 0.005, this run has 0.001"):
         run(base, data, out, max_steps=3, save_every=2, lr=1e-3, resume=True)
     with pytest.raises(ConfigError, match="total_steps 3"):
         run(base, data, out, max_steps=5, save_every=2, resume=True)
+
+
+def test_a_finished_run_cannot_be_resumed_with_other_settings(base, data, tmp_path):
+    out = run(base, data, tmp_path / "run", max_steps=3)
+    with pytest.raises(ConfigError, match=r"--resume: .* is a finished run trained with max_steps 3, this run has 5"):
+        run(base, data, out, max_steps=5, resume=True)
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(data, tmp_path):

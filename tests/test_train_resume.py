@@ -4,21 +4,18 @@ with the adapter (and the metrics) of a run that was never interrupted."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import write_checkpoint
+from training_runs import environment, metrics, sigkill_after
 import torch
 
 from komt.model import Transformer, preset
 from komt.model.safetensors_file import SafetensorsFile
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY, KILL_AFTER_STEP = 24, 4, 10
 # The real 32000-token vocabulary (the tokenizer needs it) on a model narrow enough for quick CPU steps.
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
@@ -46,21 +43,6 @@ def command(base: Path, data: Path, output: Path, *extra: str) -> list[str]:
             "--lr", "5e-3", "--warmup-steps", "3", "--seed", "7", *extra]
 
 
-def environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"  # a tiny model: more threads only add synchronisation (and on a busy machine, stalls)
-    return env
-
-
-def metrics(output: Path) -> list[dict]:
-    path = output / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [json.loads(line) for line in lines if line.endswith("}")]
-
-
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(setup, tmp_path):
     base, data = setup
@@ -68,16 +50,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(setup, tmp_path):
     subprocess.run(command(base, data, straight), env=environment(), check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(base, data, killed), env=environment(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if len(metrics(killed)) >= KILL_AFTER_STEP:  # past checkpoint-8, mid-way to checkpoint-12
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    sigkill_after(command(base, data, killed), killed, steps=KILL_AFTER_STEP)  # past checkpoint-8, before 12
     assert not (killed / "adapter_model.safetensors").exists()
     logged = len(metrics(killed))
     assert KILL_AFTER_STEP <= logged < STEPS
@@ -99,3 +72,29 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(setup, tmp_path):
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], abs=1e-5)
     assert [m["lr"] for m in got] == pytest.approx([m["lr"] for m in want], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_run_sigkilled_before_its_first_checkpoint_is_taken_over_by_a_fresh_run(setup, tmp_path):
+    """Nothing was saved, so nothing is lost: a plain rerun (no --resume) starts the run over in that folder."""
+    base, data = setup
+    short = ("--max-steps", "8", "--save-every", "100")  # the later flags win: no checkpoint before the end
+    straight = tmp_path / "straight"
+    subprocess.run(command(base, data, straight, *short), env=environment(), check=True, capture_output=True,
+                   timeout=300)
+    killed = tmp_path / "killed"
+    sigkill_after(command(base, data, killed, *short), killed, steps=2)
+    assert (killed / "train_config.json").exists() and not list(killed.glob("checkpoint-*"))
+
+    again = subprocess.run(command(base, data, killed, *short), env=environment(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "stopped before its first checkpoint (nothing was saved): starting it over" in again.stderr
+    a = SafetensorsFile(straight / "adapter_model.safetensors")
+    b = SafetensorsFile(killed / "adapter_model.safetensors")
+    for key in a.keys():
+        assert torch.equal(a.tensor(key), b.tensor(key)), key
+    assert [m["step"] for m in metrics(killed)] == list(range(1, 9))
+    done = subprocess.run(command(base, data, killed, *short, "--resume"), env=environment(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "is a finished run (8 steps, final weights saved); nothing to do" in done.stderr

@@ -1,7 +1,13 @@
-"""`python -m komt.eval`: see komt/eval/cli.py."""
+"""`python -m komt.eval`: see komt/eval/cli.py.
 
-import sys
+Ctrl-C exits 130 at once while the imports below run (komt.interrupts); an evaluation stops on Ctrl-C
+the ordinary way and says how to resume.
+"""
 
-from komt.eval.cli import main
+from komt.interrupts import exit_on_interrupt
 
-sys.exit(main())
+exit_on_interrupt()
+
+from komt.eval.cli import main  # noqa: E402
+
+raise SystemExit(main())

@@ -17,11 +17,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from komt.errors import DataError
 from komt.eval.questions import Question
 from komt.train.jsonl import read_jsonl
 from komt.eval.results import cut_torn_tail
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_CARD_SAMPLING = {"temperature": 0.8, "top_k": 100, "top_p": 0.8}
 MODEL_CARD_MAX_NEW_TOKENS = 1024
@@ -56,7 +60,7 @@ class ModelAnswerer:
 
 def load_model_answerer(
     model_path: str, adapter: str | None = None, tokenizer_path: str | None = None,
-    device: str | None = None, dtype: str | None = None, quantize: str | None = None,
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, quantize: str | None = None,
     group_size: int | None = None, **settings,
 ) -> ModelAnswerer:
     """Load the checkpoint (and adapter, quantized if asked) and its tokenizer (the checkpoint folder's, unless given)."""

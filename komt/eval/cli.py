@@ -26,8 +26,13 @@ import os
 import sys
 from pathlib import Path
 
-from komt.errors import DataError, KomtError
-from komt.generate.cli import default_device
+from komt.argtypes import non_negative_int, number, positive_int
+from komt.entry_point import run_entry_point
+from komt.errors import DataError
+from komt.interrupts import raise_on_interrupt
+from komt.model.quantized_linear import QUANTIZE_CHOICES
+from komt.model.device import requested_device
+from komt.model.dtypes import DTYPE_CHOICES, resolve_dtype
 from komt.eval.answers import (
     MODEL_CARD_MAX_NEW_TOKENS,
     MODEL_CARD_SAMPLING,
@@ -52,34 +57,36 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("answers")
     source.add_argument("--model", help="checkpoint folder or hub id to generate answers with")
     source.add_argument("--adapter", help="LoRA adapter folder applied to --model")
-    source.add_argument("--quantize", choices=("int8", "int4"), help="quantize the linear layers while loading")
-    source.add_argument("--group-size", type=int, help="quantization group size (int8: per channel; int4: 32)")
+    source.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the linear layers while loading")
+    source.add_argument("--group-size", type=positive_int, help="quantization group size (int8: per channel; int4: 32)")
     source.add_argument("--tokenizer", help="tokenizer.model or its folder (default: the checkpoint's)")
     source.add_argument("--answers", help="JSONL with id and answer: judge these instead of generating")
     source.add_argument("--questions", help="JSONL (id, instruction) or text, one per line (default: komt's 37)")
     source.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    source.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
-    source.add_argument("--max-new-tokens", type=int, default=MODEL_CARD_MAX_NEW_TOKENS,
+    source.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="auto (default): bf16 on CUDA, the checkpoint's dtype on the CPU")
+    source.add_argument("--max-new-tokens", type=positive_int, default=MODEL_CARD_MAX_NEW_TOKENS,
                         help=f"default {MODEL_CARD_MAX_NEW_TOKENS} (the model card's)")
     source.add_argument("--seed", type=int, default=0, help="question id i is sampled with seed + i (default 0)")
-    source.add_argument("--temperature", type=float, default=MODEL_CARD_SAMPLING["temperature"])
-    source.add_argument("--top-k", type=int, default=MODEL_CARD_SAMPLING["top_k"])
-    source.add_argument("--top-p", type=float, default=MODEL_CARD_SAMPLING["top_p"])
+    source.add_argument("--temperature", type=number(0), default=MODEL_CARD_SAMPLING["temperature"])
+    source.add_argument("--top-k", type=non_negative_int, default=MODEL_CARD_SAMPLING["top_k"])
+    source.add_argument("--top-p", type=number(0, 1, low_open=True), default=MODEL_CARD_SAMPLING["top_p"])
     judging = parser.add_argument_group("judge")
     judging.add_argument("--judge-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
     judging.add_argument("--judge-model", help="the model name to send to the judge endpoint")
     judging.add_argument("--api-key-env", help="environment variable holding the key (default OPENAI_API_KEY)")
-    judging.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per request (default 120)")
-    judging.add_argument("--judge-retries", type=int, default=5,
+    judging.add_argument("--judge-timeout", type=number(0, low_open=True), default=120.0,
+                         help="seconds per request (default 120)")
+    judging.add_argument("--judge-retries", type=non_negative_int, default=5,
                          help="retries of a failed request, with exponential back-off (default 5)")
-    judging.add_argument("--judge-attempts", type=int, default=3,
+    judging.add_argument("--judge-attempts", type=positive_int, default=3,
                          help="replies asked for before a reply with no score counts as 0 (default 3)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", help="results JSONL (komt's format), appended to and resumed")
     out.add_argument("--name", help="the run's name in the report (default: --output's file name)")
     ppl = parser.add_argument_group("perplexity")
     ppl.add_argument("--perplexity", metavar="FILE", help="text file, or instruction JSONL (answer tokens only)")
-    ppl.add_argument("--max-length", type=int,
+    ppl.add_argument("--max-length", type=positive_int,
                      help=f"tokens per sequence (default: the model's context, at most {DEFAULT_PPL_MAX_LEN})")
     return parser
 
@@ -87,16 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.perplexity:
-            return run_perplexity(args, parser)
-        return run_evaluation(args, parser)
-    except KomtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; run the same command again to resume from {args.output}", file=sys.stderr)
-        return 130
+    raise_on_interrupt()  # imported: from here Ctrl-C stops the run the ordinary way (each record is on disk)
+    if args.perplexity:
+        return run_entry_point(lambda: run_perplexity(args, parser))
+    return run_entry_point(lambda: run_evaluation(args, parser),
+                           interrupted=f"\ninterrupted; run the same command again to resume from {args.output}")
 
 
 def run_evaluation(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -118,10 +120,10 @@ def run_evaluation(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                 raise DataError(f"{args.answers}: no answer for question id(s) {', '.join(map(str, missing))}")
             answer = file_answerer(answers, args.answers)
         else:
-            device = args.device or default_device()
+            device = requested_device(args.device)
             answerer = load_model_answerer(
-                args.model, args.adapter, args.tokenizer, device, args.dtype, quantize=args.quantize,
-                group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                args.model, args.adapter, args.tokenizer, device, resolve_dtype(args.dtype, device),
+                quantize=args.quantize, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                 seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             )
             answer = cached_answerer(answerer, output.with_suffix(".answers.jsonl"), questions)
@@ -153,7 +155,8 @@ def run_perplexity(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from komt.eval.perplexity import file_examples, perplexity
     from komt.generate.vocab import check_tokenizer_fits
 
-    model = komt.load_model(args.model, device=args.device or default_device(), dtype=args.dtype,
+    device = requested_device(args.device)
+    model = komt.load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
                             adapter=args.adapter, quantize=args.quantize, group_size=args.group_size)
     tokenizer = komt.load_tokenizer(args.tokenizer or getattr(model, "source_path", args.model))
     check_tokenizer_fits(tokenizer.vocab_size, model.config.vocab_size, tokenizer.source)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from komt.errors import KomtError
+from komt.jsonutil import is_int, parse_json
 
 GRADING_SYSTEM = "당신은 한국어 AI 어시스턴트의 답변을 공정하고 엄격하게 채점하는 평가자입니다."
 
@@ -96,7 +97,7 @@ def parse_score(reply: str) -> int | None:
             value = obj.get(key)
             if isinstance(value, str) and value.strip().isdigit():
                 value = int(value.strip())
-            if isinstance(value, int) and not isinstance(value, bool):
+            if is_int(value):
                 return value if 0 <= value <= 5 else None
     for pattern, take_last in ((_WHOLE, False), (_LABELLED, True), (_SLASH, True), (_POINTS, True), (_LEADING, False)):
         matches = pattern.findall(text)
@@ -162,8 +163,8 @@ class Judge:
 
     def _content(self, payload: bytes) -> str:
         try:
-            content = json.loads(payload)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            content = parse_json(payload, f"judge {self.url}", JudgeError)["choices"][0]["message"]["content"]
+        except (JudgeError, KeyError, IndexError, TypeError):
             content = None
         if not isinstance(content, str):
             raise JudgeError(

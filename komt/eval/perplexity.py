@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from komt.errors import DataError
-
-IGNORE_INDEX = -100
+from komt.generate.prompt import IGNORE_INDEX
+from komt.train.loss import token_loss_sum
 
 
 @dataclass(frozen=True)
@@ -62,10 +61,9 @@ def perplexity(model, examples: Iterable[tuple[list[int], list[int]]], max_len: 
         if len(ids) < 2:
             continue
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-        targets = torch.tensor(labels[1:], dtype=torch.long, device=device)  # (T-1,)
-        logits = model(input_ids)[0, :-1].float()  # (1, T, V) -> (T-1, V): position t predicts t + 1
-        nll_sum += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
-        tokens += int((targets != IGNORE_INDEX).sum())
+        label_ids = torch.tensor([labels], dtype=torch.long, device=device)  # (1, T), aligned with the ids
+        nll_sum += token_loss_sum(model(input_ids), label_ids).item()  # the trainer's loss: t's logits score t + 1
+        tokens += sum(label != IGNORE_INDEX for label in labels[1:])  # the first token is never predicted
     if tokens == 0:
         raise DataError("no tokens to score: every example is empty or all its labels are -100")
     return Perplexity(nll_sum, tokens, sequences, truncated)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from komt.errors import DataError
+from komt.jsonutil import is_int
 from komt.train.jsonl import read_jsonl
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -39,7 +40,7 @@ def load_questions(path: str | Path | None = None) -> list[Question]:
         questions = []
         for line_no, record in read_jsonl(path):
             qid, instruction = record.get("id"), record.get("instruction")
-            if not isinstance(qid, int) or isinstance(qid, bool):
+            if not is_int(qid):
                 raise DataError(f"{path}:{line_no}: \"id\" must be an integer, got {qid!r}")
             if not isinstance(instruction, str) or not instruction.strip():
                 raise DataError(f"{path}:{line_no}: \"instruction\" must be non-empty text")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from komt.errors import DataError
+from komt.jsonutil import is_int, parse_json
 from komt.eval.questions import Question
 from komt.train.jsonl import read_jsonl
 
@@ -32,9 +33,9 @@ def check_record(path: Path, line_no: int, record: dict) -> dict:
     if missing:
         raise DataError(f"{path}:{line_no}: missing field {missing[0]!r} (a results line has {', '.join(FIELDS)})")
     score = record["score"]
-    if not isinstance(score, int) or isinstance(score, bool) or not 0 <= score <= 5:
+    if not is_int(score) or not 0 <= score <= 5:
         raise DataError(f"{path}:{line_no}: \"score\" must be an integer 0-5, got {score!r}")
-    if not isinstance(record["id"], int) or isinstance(record["id"], bool):
+    if not is_int(record["id"]):
         raise DataError(f"{path}:{line_no}: \"id\" must be an integer, got {record['id']!r}")
     return record
 
@@ -73,10 +74,10 @@ def cut_torn_tail(path: Path) -> None:
         return
     start = data.rfind(b"\n") + 1
     try:
-        json.loads(data[start:])
+        parse_json(data[start:], str(path), DataError)  # as strictly as read_jsonl will read it
         with open(path, "ab") as f:  # a complete record that only lacks its newline: keep it
             f.write(b"\n")
-    except ValueError:
+    except DataError:
         os.truncate(path, start)
 
 

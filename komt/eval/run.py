@@ -15,6 +15,7 @@ from komt.eval.answers import Answerer
 from komt.eval.judge import Judge, grade
 from komt.eval.questions import Question
 from komt.eval.results import ResultsWriter, make_record, read_results
+from komt.progress import StatusLine, bar
 
 
 class Progress:
@@ -22,24 +23,19 @@ class Progress:
 
     def __init__(self, total: int, done: int, stream: IO[str] | None = None, width: int = 24) -> None:
         self.total, self.done, self.width = total, done, width
-        self.stream = stream if stream is not None else sys.stderr
+        self.line = StatusLine(stream if stream is not None else sys.stderr)
         self.start = time.monotonic()
         self.fresh = 0  # updates in this run (the ones the rate is measured on)
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def update(self, question: Question, score: int) -> None:
         self.done += 1
         self.fresh += 1
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.fresh * (self.total - self.done)
-        filled = self.width * self.done // max(self.total, 1)
-        bar = "#" * filled + "." * (self.width - filled)
-        line = f"[{bar}] {self.done}/{self.total}  id {question.id}: score {score}  " \
-               f"{elapsed:.0f} s, ~{eta:.0f} s left"
-        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
-        if self.tty and self.done == self.total:
-            self.stream.write("\n")
-        self.stream.flush()
+        self.line.draw(f"{bar(self.done, self.total, self.width)} {self.done}/{self.total}  id {question.id}: "
+                       f"score {score}  {elapsed:.0f} s, ~{eta:.0f} s left")
+        if self.done == self.total:
+            self.line.close()
 
 
 def evaluate(

@@ -6,9 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from komt.entry_point import run_entry_point
 from komt.errors import KomtError
 from komt.export.gguf_adapter import ADAPTER_TYPES, export_adapter_gguf
 from komt.export.gguf_model import EXPORT_TYPES, export_gguf
+from komt.interrupts import raise_on_interrupt
 
 DESCRIPTION = """\
 Write a checkpoint as a GGUF file that llama.cpp (llama-cli, llama-server, llama-cpp-python) loads.
@@ -24,7 +26,7 @@ format, for `llama-server -m base.gguf --lora OUT.gguf`; SRC is then the adapter
 """
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m komt.export", description="Export komt checkpoints.")
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     gguf = formats.add_parser("gguf", help="llama.cpp's GGUF (a model, or a LoRA adapter with --adapter)",
@@ -36,24 +38,30 @@ def main(argv: list[str] | None = None) -> int:
     gguf.add_argument("--adapter", metavar="DIR", help="export this LoRA adapter folder instead of the model")
     gguf.add_argument("--tokenizer", metavar="FILE", help="sentencepiece tokenizer.model (default: SRC's)")
     gguf.add_argument("--name", help="general.name to record (default: the folder's name)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def export(args: argparse.Namespace) -> int:
+    """Write the GGUF file `args` asks for and say what it holds."""
     out = Path(args.out)
-    try:
-        if out.is_dir() or not out.parent.is_dir():
-            raise KomtError(f"{out}: the output must be a file in an existing folder")
-        if args.adapter is not None:
-            export_type = args.type or "f32"
-            if export_type not in ADAPTER_TYPES:
-                raise KomtError(f"--type {export_type} is not available for adapters; use {', '.join(ADAPTER_TYPES)}")
-            written = export_adapter_gguf(args.src, args.adapter, out, export_type, name=args.name)
-        else:
-            written = export_gguf(args.src, out, args.type or "f16", tokenizer=args.tokenizer, name=args.name)
-    except KomtError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if out.is_dir() or not out.parent.is_dir():
+        raise KomtError(f"{out}: the output must be a file in an existing folder")
+    if args.adapter is not None:
+        export_type = args.type or "f32"
+        if export_type not in ADAPTER_TYPES:
+            raise KomtError(f"--type {export_type} is not available for adapters; use {', '.join(ADAPTER_TYPES)}")
+        written = export_adapter_gguf(args.src, args.adapter, out, export_type, name=args.name)
+    else:
+        written = export_gguf(args.src, out, args.type or "f16", tokenizer=args.tokenizer, name=args.name)
     counts: dict[str, int] = {}
     for _, type_name in written:
         counts[type_name] = counts.get(type_name, 0) + 1
     summary = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
     print(f"wrote {out} ({len(written)} tensors: {summary})", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    raise_on_interrupt()  # imported: a Ctrl-C must reach the atomic writer's cleanup
+    return run_entry_point(lambda: export(args))

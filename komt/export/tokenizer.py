@@ -19,11 +19,11 @@ A tokenizer.json-only checkpoint (byte-level BPE) is refused for now.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from komt.errors import ConfigError, TokenizerError
+from komt.errors import TokenizerError
+from komt.jsonutil import read_json_object
 from komt.model.config import ModelConfig
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -80,14 +80,7 @@ def tokenizer_metadata(folder: Path, config: ModelConfig, tokenizer: Path | None
 
 
 def _tokenizer_config(folder: Path) -> dict[str, Any]:
-    path = folder / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: unreadable: {err}") from None
-    return raw if isinstance(raw, dict) else {}
+    return read_json_object(folder / "tokenizer_config.json")
 
 
 def _flag(settings: dict[str, Any], key: str, default: bool) -> bool:

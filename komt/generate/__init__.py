@@ -1,10 +1,10 @@
 """Text in, text out: tokenizer, prompt format, KV cache, sampler, decoding loop, streaming, CLI.
 
-The names below are imported on first use (PEP 562 `__getattr__`, as in komt/__init__.py), so that
-`python -m komt.generate` reaches its entry point before torch is imported (see komt/generate/__main__.py).
+The names below are imported on first use (komt.lazy_exports), so that `python -m komt.generate` reaches
+its entry point before torch is imported (see komt/generate/__main__.py).
 """
 
-import importlib
+from komt.lazy_exports import lazy_exports
 
 # name -> the module that defines it
 _EXPORTS = {
@@ -25,17 +25,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'komt.generate' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # found once; later lookups are plain attribute reads
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["generate", "generate_batch", "stream_generate", "stream_text", "prefill", "decode_step",
            "sample", "SamplingParams", "GenerationStats", "Tokenizer", "load_tokenizer",

@@ -20,23 +20,24 @@ Peak memory is the process's peak RSS on the CPU and `torch.cuda.max_memory_allo
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
-import sys
 import time
 from typing import Sequence
 
 import torch
 
-from komt.errors import KomtError
+from komt.argtypes import positive_int
+from komt.entry_point import run_entry_point
+from komt.model.attention import KERNEL_BACKENDS
+from komt.model.dtypes import DTYPE_CHOICES
+from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.model.checkpoint import random_model
 from komt.model.linear import is_linear
+from komt.model.peak_memory import peak_memory_bytes
 
 
 def _peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB (CUDA allocated)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (RSS)"
+    return f"{peak_memory_bytes(device) / 2**20:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"
 
 
 def _median_ms(intervals: list[float]) -> str:
@@ -54,7 +55,7 @@ def run_once(model, prompts: list[list[int]], new_tokens: int, compile_mode: str
             stamps.append(time.perf_counter())
         intervals = [b - a for a, b in zip(stamps, stamps[1:])]
     else:
-        generate_batch(model, prompts, max_new_tokens=new_tokens, stats=stats)
+        generate_batch(model, prompts, max_new_tokens=new_tokens, stats=stats, compile_mode=compile_mode)
         intervals = []
     tenth = max(1, len(intervals) // 10)
     decode_tokens = stats.new_tokens - len(prompts)  # the first token of each row comes from prefill
@@ -84,10 +85,12 @@ def _check_against_plain(model, plain, prompt: list[int], new_tokens: int, compi
     return f"check: greedy tokens differ from eager decoding without the split GEMV from token {first} of {len(fast)}"
 
 
-def _build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, layout: str):
-    """(model, description) of the benchmarked weights: a checkpoint, or a preset with random weights."""
+def _build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None, layout: str):
+    """(model, description) of the benchmarked weights: a checkpoint, or a preset with random weights;
+    `dtype` None keeps the checkpoint's (a preset's: its config's)."""
     from komt.model.config import preset
     from komt.model.cpu_layouts import use_cpu_layouts
+    from komt.model.dtypes import parse_dtype
     from komt.model.load import choose_kernels, load_model
     from komt.model.quantized_linear import QuantizeSpec
 
@@ -98,7 +101,8 @@ def _build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, l
     name = args.preset or "smollm2-135m"
     overrides = {} if args.window is None else {"sliding_window": args.window}
     spec = QuantizeSpec(args.quantize, args.group_size) if args.quantize else None
-    model = random_model(preset(name, **overrides), device, dtype, args.seed, quantize=spec)
+    config = preset(name, **overrides)
+    model = random_model(config, device, dtype or parse_dtype(config.torch_dtype), args.seed, quantize=spec)
     if layout == "auto" and device.type == "cpu":
         use_cpu_layouts(model)
     model.set_kernels(choose_kernels(device, args.kernels))
@@ -110,23 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--preset", default=None, help="random weights of a named shape (default smollm2-135m)")
     source.add_argument("--model", help="a checkpoint folder or hub id instead of a preset")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: fp32 on the CPU, bf16 on CUDA")
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto (default): bf16 on CUDA, the checkpoint's (a preset's) dtype on the CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--window", type=int, help="override the preset's sliding window")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, = cores)")
+    p.add_argument("--window", type=positive_int, help="override the preset's sliding window")
+    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads (default: torch's, = cores)")
     p.add_argument("--layout", choices=("auto", "plain"), default="auto",
                    help="auto: the CPU decoding layouts (komt.model.cpu_layouts); plain: the layers as loaded")
-    p.add_argument("--quantize", choices=("int8", "int4"), help="quantize the linear layers (see komt.load_model)")
-    p.add_argument("--group-size", type=int, help="quantization group size (int8 default: per channel; int4: 32)")
-    p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the linear layers (see komt.load_model)")
+    p.add_argument("--group-size", type=positive_int,
+                   help="quantization group size (int8 default: per channel; int4: 32)")
+    p.add_argument("--kernels", choices=KERNEL_BACKENDS, help="attention/RMSNorm kernels (default: triton on CUDA)")
     compile_group = p.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
     compile_group.add_argument("--cuda-graphs", action="store_true",
                                help="torch.compile mode=reduce-overhead (CUDA graphs)")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs (after one warm-up)")
+    p.add_argument("--repeat", type=positive_int, default=3, help="timed runs (after one warm-up)")
     p.add_argument("--check", action="store_true",
                    help="also generate with the same weights in plain layers, eager, and report whether the tokens agree")
     p.add_argument("--seed", type=int, default=0)
@@ -135,31 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _bench(args)
-    except KomtError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    return run_entry_point(lambda: _bench(args))
 
 
 def _bench(args: argparse.Namespace) -> int:
     from komt.errors import GenerationError
-    from komt.model.checkpoint import parse_dtype
-    from komt.model.load import parse_device
+    from komt.model.dtypes import resolve_dtype
+    from komt.model.device import requested_device
 
-    for flag in ("prompt_len", "new_tokens", "batch_size", "repeat"):
-        if getattr(args, flag) < 1:
-            raise GenerationError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = requested_device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         raise GenerationError(f"--cuda-graphs needs a CUDA device, not {device}; use --compile on the CPU")
-    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    model, source = _build(args, device, dtype, args.layout)
+    model, source = _build(args, device, resolve_dtype(args.dtype, device), args.layout)
+    dtype = model.model.embed_tokens.weight.dtype  # what auto chose, for the header and for --check
     config = model.config
     layers = sorted({type(m).__name__ for m in model.modules() if is_linear(m)})
     compile_mode = "reduce-overhead" if args.cuda_graphs else "default" if args.compile else None

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from komt.errors import GenerationError
+from komt.model.attention import AttentionContext
 from komt.model.config import ModelConfig
 
 
@@ -116,11 +117,15 @@ class KVCache:
         if not self.wraps and highest >= self.size:
             raise GenerationError(f"position {highest} is past the cache's {self.size} positions (context full)")
 
+    def attention_context(self, positions: torch.Tensor, window: int | None, backend: str) -> AttentionContext:
+        """What the model's attention sees this forward: every slot of the buffer, masked by position."""
+        return AttentionContext.build(positions, self.prepare(positions), window, backend)
+
     def prepare(self, positions: torch.Tensor) -> torch.Tensor:
         """Record where the keys of `positions` [B, T] go; return the positions of the slots attention
         sees [B, S] after the write.
 
-        Called once per forward by the model, before the layers run; `update` then writes each layer.
+        Called once per forward (by `attention_context`), before the layers run; `update` then writes each layer.
         """
         if not self.static:
             highest = int(positions.max())  # one host sync; static mode leaves the check to the caller

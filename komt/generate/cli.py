@@ -29,46 +29,29 @@ apply the same rule. `--chat --prompt X` starts the chat with X as the first mes
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence, TextIO
 
-import torch
 
+from komt.argtypes import non_negative_int, number, positive_int
+from komt.entry_point import run_entry_point
 from komt.errors import GenerationError, KomtError
+from komt.generate.context_length import check_context_length
+from komt.model.attention import KERNEL_BACKENDS
+from komt.model.dtypes import DTYPE_CHOICES
+from komt.model.quantized_linear import QUANTIZE_CHOICES
 from komt.generate.prompt import PROMPT_FORMATS
 from komt.interrupts import raise_on_interrupt
+from komt.progress import StatusLine, bar
 
 DEFAULT_MODEL = "davidkim205/komt-mistral-7b-v1"
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 
 # ---- arguments ------------------------------------------------------------------------------------------
-
-def _number(kind: type, name: str, low: float | None = None, high: float | None = None,
-            low_open: bool = False):
-    """An argparse type: a finite `kind` within [low, high] (or (low, high] with `low_open`)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text!r}")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        if too_low or (high is not None and value > high):
-            lo = "" if low is None else f"{'(' if low_open else '['}{low}, "
-            hi = "inf)" if high is None else f"{high}]"
-            raise argparse.ArgumentTypeError(f"{name} must be in {lo}{hi}, got {text!r}")
-        return value
-
-    return parse
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -81,46 +64,35 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(with --chat: the chat's first message)")
     p.add_argument("--chat", action="store_true",
                    help="interactive multi-turn chat (/reset clears history, /exit or Ctrl-D quits)")
-    p.add_argument("--max-new-tokens", type=_number(int, "--max-new-tokens", 1), default=1024, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024, metavar="N",
                    help="at most N new tokens (default 1024); the prompt plus N must fit the model's context, "
                         "else it is an error (a chat drops its oldest exchanges to make room)")
-    p.add_argument("--temperature", type=_number(float, "--temperature", 0.0), default=0.8, metavar="T",
+    p.add_argument("--temperature", type=number(0), default=0.8, metavar="T",
                    help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=_number(int, "--top-k", 0), default=100, metavar="K", help="0 = off (default 100)")
-    p.add_argument("--top-p", type=_number(float, "--top-p", 0.0, 1.0, low_open=True), default=0.8, metavar="P",
+    p.add_argument("--top-k", type=non_negative_int, default=100, metavar="K", help="0 = off (default 100)")
+    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=0.8, metavar="P",
                    help="in (0, 1] (default 0.8)")
-    p.add_argument("--repetition-penalty", type=_number(float, "--repetition-penalty", 0.0, low_open=True), default=1.0,
+    p.add_argument("--repetition-penalty", type=number(0, low_open=True), default=1.0,
                    metavar="X", help="> 1 discourages repeating prompt and output tokens (default 1.0 = off)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--seed", type=int, help="seed for sampling (same seed, same text)")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 on CUDA, the checkpoint's dtype on the CPU")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto (default): bf16 on CUDA, the checkpoint's dtype on the CPU")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply")
-    p.add_argument("--kernels", choices=("torch", "triton"), help="attention/RMSNorm kernels (default: triton on CUDA)")
+    p.add_argument("--kernels", choices=KERNEL_BACKENDS, help="attention/RMSNorm kernels (default: triton on CUDA)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer.model, tokenizer.json or their folder (default: the model folder's)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
                    help="card: komt's [INST] format; template: the checkpoint's chat template; raw: the text as is; "
                         "auto (default): template if the checkpoint ships one, else card")
-    p.add_argument("--quantize", choices=("int8", "int4"),
-                   help="quantize the linear layers while loading: int8 per channel, int4 in groups of 32")
-    p.add_argument("--group-size", type=_number(int, "--group-size", 1), metavar="G",
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="quantize the linear layers while loading: int8 per channel, int4 in groups of 32, nf4 (QLoRA's) in blocks of 64")
+    p.add_argument("--group-size", type=positive_int, metavar="G",
                    help="quantization group size (int8: default per channel; int4: 32, 64 or 128)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="off",
                    help="torch.compile the decode step (reduce-overhead = CUDA graphs); compiling takes a while")
     return p
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str | None:
-    """The dtype to load in; None keeps the checkpoint's (see module docstring)."""
-    if dtype != "auto":
-        return dtype
-    return "bf16" if device.type == "cuda" else None
 
 
 # ---- loading --------------------------------------------------------------------------------------------
@@ -129,12 +101,11 @@ class LoadProgress:
     """A `progress(bytes_done, bytes_total)` callback drawing a plain-text bar on stderr while weights load.
 
     Silent for checkpoints under `min_bytes` (nothing to wait for). On a terminal the bar redraws in place;
-    elsewhere (a log file) it prints a line every 25%.
+    elsewhere (a log file) it prints a line every 25% (komt.progress).
     """
 
     def __init__(self, stream: TextIO, min_bytes: int = 256 * 2**20, width: int = 30) -> None:
-        self.stream, self.min_bytes, self.width = stream, min_bytes, width
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.line, self.min_bytes, self.width = StatusLine(stream), min_bytes, width
         self.start = time.perf_counter()
         self._last_drawn = -1
 
@@ -142,20 +113,16 @@ class LoadProgress:
         if total < self.min_bytes:
             return
         percent = 100 * done // max(total, 1)
-        step = 1 if self.tty else 25
+        step = 1 if self.line.tty else 25
         if percent // step == self._last_drawn // step and done < total:
             return
         self._last_drawn = percent
-        filled = self.width * done // max(total, 1)
-        bar = "#" * filled + "." * (self.width - filled)
-        line = f"loading weights [{bar}] {percent:3d}% {done / 1e9:.1f}/{total / 1e9:.1f} GB"
+        text = f"loading weights {bar(done, total, self.width)} {percent:3d}% {done / 1e9:.1f}/{total / 1e9:.1f} GB"
         if done >= total:
-            line += f" in {time.perf_counter() - self.start:.1f} s"
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if done >= total else ""))
+            self.line.draw(text + f" in {time.perf_counter() - self.start:.1f} s")
+            self.line.close()
         else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+            self.line.draw(text)
 
 
 def open_checkpoint(args: argparse.Namespace):
@@ -170,11 +137,13 @@ def open_checkpoint(args: argparse.Namespace):
     return folder, tokenizer, config
 
 
-def load_weights(args: argparse.Namespace, folder: Path, stderr: TextIO):
+def load_requested_model(args: argparse.Namespace, folder: Path, stderr: TextIO):
     """The model on the requested device, in the requested dtype, with a progress bar for big checkpoints."""
-    from komt.model.load import load_model, parse_device
+    from komt.model.device import requested_device
+    from komt.model.dtypes import resolve_dtype
+    from komt.model.load import load_model
 
-    device = parse_device(args.device or default_device())  # `gpu0`, or CUDA absent: one error line
+    device = requested_device(args.device)  # `gpu0`, or CUDA absent: one error line
     return load_model(folder, device=device, dtype=resolve_dtype(args.dtype, device), adapter=args.adapter,
                       kernels=args.kernels, progress=LoadProgress(stderr), quantize=args.quantize,
                       group_size=args.group_size)
@@ -226,7 +195,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def stream_answer(model, tokenizer, prompt_ids: Sequence[int], args: argparse.Namespace,
+def stream_answer(model, tokenizer, prompt_ids: Sequence[int], args: argparse.Namespace, fmt,
                   stdout: TextIO, stderr: TextIO) -> str:
     """Stream one answer to stdout (flushed per piece), then the stats line to stderr; return the text."""
     from komt.generate.generation import GenerationStats, stream_text
@@ -241,21 +210,12 @@ def stream_answer(model, tokenizer, prompt_ids: Sequence[int], args: argparse.Na
     except KeyboardInterrupt:
         stream.close()
         emit(stdout, "\n")
-        stderr.write(f"[interrupted; {stats.summary()}]\n")
+        stderr.write(f"[interrupted; {stats.summary()}, prompt format {fmt.label}]\n")
         raise
     emit(stdout, "\n")
-    stderr.write(f"[{stats.summary()}]\n")
+    stderr.write(f"[{stats.summary()}, prompt format {fmt.label}]\n")
     stderr.flush()
     return "".join(pieces)
-
-
-def check_fits(n_prompt: int, max_new_tokens: int, context: int, what: str = "the prompt") -> None:
-    """The prompt and --max-new-tokens together within the context (the library's own rule, named by flag)."""
-    if n_prompt >= context:
-        raise GenerationError(f"{what} is {n_prompt} tokens; the model's context is {context} (shorten it)")
-    if n_prompt + max_new_tokens > context:
-        raise GenerationError(f"{what} is {n_prompt} tokens and --max-new-tokens {max_new_tokens}: together past "
-                              f"the model's context of {context}; use --max-new-tokens {context - n_prompt} or less")
 
 
 def fit_history(fmt, messages: list[dict], context: int, max_new_tokens: int = 0) -> list[int]:
@@ -266,7 +226,7 @@ def fit_history(fmt, messages: list[dict], context: int, max_new_tokens: int = 0
         if len(ids) + max_new_tokens <= context or len(messages) <= 1:
             break
         del messages[:2]  # the oldest user message and its answer
-    check_fits(len(ids), max_new_tokens, context, what="the message")
+    check_context_length(len(ids), max_new_tokens, context, what="the message", limit="--max-new-tokens")
     return ids
 
 
@@ -322,7 +282,7 @@ def chat(model, tokenizer, fmt, context: int, args: argparse.Namespace,
         messages.append({"role": "user", "content": text})
         try:
             ids = fit_history(fmt, messages, context, args.max_new_tokens)
-            answer = stream_answer(model, tokenizer, ids, args, stdout, stderr)
+            answer = stream_answer(model, tokenizer, ids, args, fmt, stdout, stderr)
         except KomtError as err:
             messages.pop()
             stderr.write(f"error: {err}\n")
@@ -366,14 +326,13 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
     ids = None
     if not want_chat:
         ids = fmt.prompt(prompt.strip())
-        check_fits(len(ids), args.max_new_tokens, context)
-    model = load_weights(args, folder, stderr)
+        check_context_length(len(ids), args.max_new_tokens, context, limit="--max-new-tokens")
+    model = load_requested_model(args, folder, stderr)
     raise_on_interrupt()  # loaded: from here Ctrl-C stops an answer (and its stats line prints)
-    stderr.write(f"[prompt format: {fmt.label}]\n")
     if want_chat:
         first = prompt.strip() if prompt is not None and prompt.strip() else None
         return chat(model, tokenizer, fmt, context, args, stdin, stdout, stderr, first=first)
-    stream_answer(model, tokenizer, ids, args, stdout, stderr)
+    stream_answer(model, tokenizer, ids, args, fmt, stdout, stderr)
     return 0
 
 
@@ -387,20 +346,14 @@ def _silence_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)  # bad flags: usage line + exit 2 (argparse)
-        if sys.stdout is None:  # started with `>&-`
-            print("error: stdout is closed; redirect it to a file or /dev/null", file=sys.stderr)
-            return 2
-        if hasattr(sys.stdin, "reconfigure"):
-            sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes reach check_utf8, not a traceback
-        return run(args, sys.stdin, sys.stdout, sys.stderr)
-    except KomtError as err:
-        print(f"error: {err}", file=sys.stderr)
+    args = build_parser().parse_args(argv)  # bad flags: usage line + exit 2 (argparse)
+    if sys.stdout is None:  # started with `>&-`
+        print("error: stdout is closed; redirect it to a file or /dev/null", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes reach check_utf8, not a traceback
+    try:
+        return run_entry_point(lambda: run(args, sys.stdin, sys.stdout, sys.stderr))  # bad input: 2, Ctrl-C: 130
     except OutputError as err:
         print(f"error: cannot write the answer to stdout: {err}", file=sys.stderr)
         _silence_stdout()

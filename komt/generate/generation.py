@@ -5,9 +5,11 @@
                   EOS, a stop string, or max_new_tokens.
 
 `prefill`, `decode_step` and `sample` are separate top-level functions (gpt-fast's layout) so each can be
-read, timed and compiled on its own. `stream_generate` yields ids as they come; `generate` collects them;
-`generate_batch` runs several prompts of different lengths together; `stream_text` adds the streaming
-detokenizer and stop strings.
+read, timed and compiled on its own. One loop (`_decode`) drives one row or a batch, and what happens per
+token (sampling, the repetition penalty's memory, detokenizing, stop strings, the finish reason) is the
+request's `DecodingState` (komt.generate.decoding), the same one the server's engine uses.
+`stream_generate` yields ids as they come; `generate` collects them; `generate_batch` runs several prompts
+of different lengths together; `stream_text` yields text instead of ids.
 
 `compile_mode` (e.g. "default", or "reduce-overhead" for CUDA graphs) runs each decode step through
 `torch.compile` over a static cache (see komt.generate.cache): same tokens, fewer kernel launches. Prefill
@@ -25,7 +27,9 @@ import torch
 
 from komt.errors import GenerationError
 from komt.generate.cache import KVCache
-from komt.generate.sampling import SamplingParams, sample
+from komt.generate.context_length import check_context_length
+from komt.generate.decoding import DecodingState, sample_next
+from komt.generate.sampling import SamplingParams
 
 # A static cache is sized in buckets so that a compiled decode step (whose shapes include the cache's)
 # is reused across prompts of different lengths instead of recompiled for each. Powers of two from 256:
@@ -158,7 +162,7 @@ def mark_static(cache: KVCache) -> None:
 
 def _check_request(model, prompt_ids: Sequence[int], max_new_tokens: int) -> int:
     """Validate a prompt and its max_new_tokens, which must fit the context together (an error, not a
-    silent cut: the CLI and the server apply the same rule); return max_new_tokens."""
+    silent cut: komt.generate.context_length, the CLI's and the server's rule too); return max_new_tokens."""
     if len(prompt_ids) == 0:
         raise GenerationError("the prompt is empty")
     if max_new_tokens < 0:
@@ -167,32 +171,76 @@ def _check_request(model, prompt_ids: Sequence[int], max_new_tokens: int) -> int
     bad = [i for i in prompt_ids if not 0 <= int(i) < vocab]
     if bad:
         raise GenerationError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
-    context = model.config.max_position_embeddings
-    if len(prompt_ids) >= context:
-        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")
-    if len(prompt_ids) + max_new_tokens > context:
-        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens and max_new_tokens is {max_new_tokens}: "
-                              f"together past the model's context of {context}; use max_new_tokens "
-                              f"{context - len(prompt_ids)} or less")
+    check_context_length(len(prompt_ids), max_new_tokens, model.config.max_position_embeddings)
     return max_new_tokens
 
 
-def _stop_ids(eos_id: int | Iterable[int] | None) -> frozenset[int]:
-    """The ids that end a generation: none, one, or several."""
-    if eos_id is None:
-        return frozenset()
-    if isinstance(eos_id, (list, tuple, set, frozenset)):
-        return frozenset(int(i) for i in eos_id)
-    return frozenset([int(eos_id)])
+def _states(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, tokenizer=None, stop=(),
+            logprobs: int | None = None, seed: int | None = None, eos_id: int | Iterable[int] | None = None,
+            **sampling) -> list[DecodingState]:
+    """One decoding state per prompt, all with the same settings (validated here, before any forward).
+
+    Rows of a batch share one seed: row b's generator is seeded with seed + b (the server's rule for the
+    n choices of one request), so row 0 samples as a solo generation with the same seed.
+    """
+    params = SamplingParams(**sampling)
+    limits = [_check_request(model, p, max_new_tokens) for p in prompts]
+    device, _ = _model_device_dtype(model)
+    return [DecodingState(p, max_new_tokens=limit, vocab_size=model.config.vocab_size, device=device, params=params,
+                          seed=None if seed is None else seed + b, eos_id=eos_id, tokenizer=tokenizer, stop=stop,
+                          logprobs=logprobs)
+            for b, (p, limit) in enumerate(zip(prompts, limits))]
 
 
-def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
+def _decode(model, states: list[DecodingState], stats: GenerationStats,
+            compile_mode: str | None = None) -> Iterator[tuple[int, int | None, str]]:
+    """The decoding loop over a contiguous cache, for one row or several: yields (row, token, text) for each
+    accepted token (token None for the EOS that ended a row, whose text is what its decoder still held).
+
+    Each prompt is prefilled into its own cache row (so no padding enters the math), then all rows decode
+    together, each at its own position; a finished row idles until all are done. `compile_mode` compiles
+    the decode step over a static cache (module docstring), for a batch as for one row.
+    """
+    device, _ = _model_device_dtype(model)
+    stats.start, stats.prompt_tokens = time.perf_counter(), sum(len(s.prompt_ids) for s in states)
+    try:
+        if all(s.finished for s in states):
+            return
+        static = compile_mode is not None
+        max_new = max(s.max_new_tokens for s in states)
+        cache = new_cache(model, len(states), max(len(s.prompt_ids) for s in states), max_new, static=static)
+        logits = torch.cat([
+            prefill(model, cache.row(b) if len(states) > 1 else cache,
+                    torch.tensor([s.prompt_ids], dtype=torch.long, device=device))  # (1, T) -> (1, V)
+            for b, s in enumerate(states)])  # (B, V)
+        positions = torch.tensor([len(s.prompt_ids) for s in states], device=device)  # (B,)
+        step = decode_step
+        for i in range(max_new):
+            tokens, logprobs = sample_next(logits, states)
+            if i == 0:
+                stats.first_token_at = time.perf_counter()
+            for b, state in enumerate(states):
+                if state.finished:
+                    continue
+                text = state.accept(tokens[b], logprobs[b])
+                kept = not (state.finished and state.finish_reason == "stop" and tokens[b] in state.stop_ids)
+                stats.new_tokens += kept
+                yield b, tokens[b] if kept else None, text
+            if all(s.finished for s in states):
+                break
+            compiling = static and i == 0
+            if compiling:  # set up here, after the first token: importing torch.compile takes ~1 s
+                step_start = time.perf_counter()
+                step = compiled_decode_step(compile_mode)
+                if compile_mode in CUDA_GRAPH_MODES:
+                    mark_static(cache)
+            with torch.inference_mode():
+                logits = step(model, cache, torch.tensor(tokens, device=device), positions)
+            if compiling:
+                stats.first_step_s = time.perf_counter() - step_start
+            positions = positions + 1
+    finally:  # also when the consumer stops early (a stop string) and closes this generator
+        stats.end = time.perf_counter()
 
 
 def stream_generate(
@@ -218,54 +266,15 @@ def stream_generate(
     sampling filter: what rescoring the output with a full forward gives). `compile_mode` compiles the
     decode step (see module docstring).
     """
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-    max_new_tokens = _check_request(model, prompt_ids, max_new_tokens)
-    if max_new_tokens == 0:
-        return
-    stop_ids = _stop_ids(eos_id)
-    device, _ = _model_device_dtype(model)
+    (state,) = _states(model, [prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty, seed=seed, eos_id=eos_id,
+                       logprobs=None if token_logprobs is None else 0)
     stats = stats if stats is not None else GenerationStats()
-    stats.start, stats.prompt_tokens = time.perf_counter(), len(prompt_ids)
-    generator = _make_generator(device, seed)
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen[0, ids[0]] = True
-    static = compile_mode is not None
-    cache = new_cache(model, 1, len(prompt_ids), max_new_tokens, static=static)
-    step = decode_step
-    try:
-        logits = prefill(model, cache, ids)
-        position = len(prompt_ids)
-        for i in range(max_new_tokens):
-            token = sample(logits, params, generator, seen)  # (1,)
-            token_id = int(token)
-            if i == 0:
-                stats.first_token_at = time.perf_counter()
-            if token_id in stop_ids:
-                break
-            stats.new_tokens += 1
+    for _, token, _ in _decode(model, [state], stats, compile_mode):
+        if token is not None:
             if token_logprobs is not None:
-                token_logprobs.append(float(logits[0].float().log_softmax(-1)[token_id]))
-            yield token_id
-            if i == max_new_tokens - 1:
-                break
-            if seen is not None:
-                seen[0, token_id] = True
-            compiling = static and i == 0
-            if compiling:  # set up here, after the first token: importing torch.compile takes ~1 s
-                step_start = time.perf_counter()
-                step = compiled_decode_step(compile_mode)
-                if compile_mode in CUDA_GRAPH_MODES:
-                    mark_static(cache)
-            with torch.inference_mode():
-                logits = step(model, cache, token, torch.tensor([position], device=device))
-            if compiling:
-                stats.first_step_s = time.perf_counter() - step_start
-            position += 1
-    finally:  # also when the consumer stops early (a stop string) and closes this generator
-        stats.end = time.perf_counter()
+                token_logprobs.append(state.logprobs[-1].logprob)
+            yield token
 
 
 def generate(model, prompt_ids: Sequence[int], **kwargs) -> list[int]:
@@ -285,57 +294,21 @@ def generate_batch(
     seed: int | None = None,
     eos_id: int | Iterable[int] | None = None,
     stats: GenerationStats | None = None,
+    compile_mode: str | None = None,
 ) -> list[list[int]]:
-    """Generate for several prompts of different lengths at once; row b equals a solo generation greedily.
+    """Generate for several prompts of different lengths at once; row b equals a solo generation (greedy, or
+    seeded with seed + b).
 
-    Each prompt is prefilled into its own cache row (so no padding enters the math), then all rows
-    decode together, each at its own position; a row that reached EOS idles until all are done.
-    `stats` counts all rows' tokens; its first token comes once every prompt is prefilled.
+    `stats` counts all rows' tokens; its first token comes once every prompt is prefilled. `compile_mode`
+    compiles the batched decode step as it does the solo one.
     """
     if not prompts:
         return []
-    stop_ids = _stop_ids(eos_id)
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-    limits = [_check_request(model, p, max_new_tokens) for p in prompts]
-    max_new = max(limits)
-    device, _ = _model_device_dtype(model)
-    B, V = len(prompts), model.config.vocab_size
-    stats = stats if stats is not None else GenerationStats()
-    stats.start, stats.prompt_tokens = time.perf_counter(), sum(len(p) for p in prompts)
-    generator = _make_generator(device, seed)
-    cache = new_cache(model, B, max(len(p) for p in prompts), max_new)
-    seen = torch.zeros(B, V, dtype=torch.bool, device=device) if repetition_penalty != 1.0 else None
-    last_logits = []
-    for b, prompt in enumerate(prompts):
-        ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-        last_logits.append(prefill(model, cache.row(b), ids))
-        if seen is not None:
-            seen[b, ids[0]] = True
-    logits = torch.cat(last_logits)  # (B, V)
-    positions = torch.tensor([len(p) for p in prompts], device=device)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = [limit == 0 for limit in limits]
-    for i in range(max_new):
-        tokens = sample(logits, params, generator, seen)  # (B,)
-        if i == 0:
-            stats.first_token_at = time.perf_counter()
-        for b, token_id in enumerate(tokens.tolist()):
-            if done[b]:
-                continue
-            if token_id in stop_ids:
-                done[b] = True
-                continue
-            outputs[b].append(token_id)
-            stats.new_tokens += 1
-            done[b] = len(outputs[b]) >= limits[b]
-        if all(done):
-            break
-        if seen is not None:
-            seen[torch.arange(B, device=device), tokens] = True
-        logits = decode_step(model, cache, tokens, positions)
-        positions = positions + 1
-    stats.end = time.perf_counter()
-    return outputs
+    states = _states(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     repetition_penalty=repetition_penalty, seed=seed, eos_id=eos_id)
+    for _ in _decode(model, states, stats if stats is not None else GenerationStats(), compile_mode):
+        pass
+    return [s.output_ids for s in states]
 
 
 def stream_text(
@@ -345,24 +318,13 @@ def stream_text(
     *,
     stop: Iterable[str] = (),
     stats: GenerationStats | None = None,
+    max_new_tokens: int = 256,
+    compile_mode: str | None = None,
     **sampling,
 ) -> Iterator[str]:
     """Yield text pieces as soon as they are final, ending at EOS, a stop string (not emitted) or the limit."""
-    from komt.generate.stream import StopMatcher, StreamDecoder
-
-    decoder = StreamDecoder(tokenizer)
-    matcher = StopMatcher(stop)
     sampling.setdefault("eos_id", tokenizer.stop_ids)
-    for token_id in stream_generate(model, prompt_ids, stats=stats, **sampling):
-        text, stopped = matcher.push(decoder.push(token_id))
+    (state,) = _states(model, [prompt_ids], max_new_tokens, tokenizer=tokenizer, stop=stop, **sampling)
+    for _, _, text in _decode(model, [state], stats if stats is not None else GenerationStats(), compile_mode):
         if text:
             yield text
-        if stopped:
-            return
-    text, stopped = matcher.push(decoder.flush())
-    if text:
-        yield text
-    if not stopped:
-        tail = matcher.flush()
-        if tail:
-            yield tail

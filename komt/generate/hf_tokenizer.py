@@ -18,14 +18,13 @@ What komt adds on top, and why:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from komt.errors import TokenizerError
-from komt.jsonutil import require_regular_file
+from komt.jsonutil import parse_json, require_regular_file
 from komt.generate.tokenizer import normalize_text
 from komt.generate.tokenizer_files import TokenizerSettings
 
@@ -136,9 +135,9 @@ def read_tokenizer_json(file: Path, settings: TokenizerSettings) -> HFTokenizer:
     require_regular_file(file, TokenizerError)  # a FIFO would block in read_text
     try:
         text = file.read_text(encoding="utf-8")
-        spec = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise TokenizerError(f"cannot read {file}: {err}; re-download tokenizer.json") from None
+    spec = parse_json(text, str(file), TokenizerError)  # strict, as every JSON file komt reads
     try:
         tokenizer = TokenizersTokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse

@@ -288,3 +288,31 @@ class StopMatcher:
             if any(s.startswith(tail) for s in self.stop_strings):
                 return k
         return 0
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for on its own, by the rules its stream replays (module docstring): what
+    log-probabilities name a token by. Special tokens are b""; unlike a stream, no leading space is dropped.
+
+    For any ids, b"".join(token_bytes(...)) decoded as UTF-8 is what the stream emits, up to that dropped
+    space and the way each backend spells bytes that are no character (tests/test_stream.py).
+    """
+    if tokenizer.is_special(token_id):
+        return b""
+    piece = tokenizer.id_to_piece(token_id)
+    kind = tokenizer.stream_kind
+    if kind == "sentencepiece":
+        if tokenizer.is_byte(token_id):
+            return bytes([int(piece[3:5], 16)])  # "<0xED>" -> 0xED
+        if tokenizer.is_unknown(token_id):
+            return tokenizer.unk_surface.encode("utf-8")
+        return piece.replace(SPACE, " ").encode("utf-8")
+    if kind == "byte_level":
+        try:
+            return bytes(BYTE_LEVEL_ALPHABET[c] for c in piece)
+        except KeyError:  # (tokenizers' rule, as in ByteLevelStream)
+            return piece.encode("utf-8")
+    for old, new in tokenizer.decoding.replacements:  # byte_fallback
+        piece = piece.replace(old, new)
+    byte = _FALLBACK_BYTE.fullmatch(piece)
+    return bytes([int(byte.group(1), 16)]) if byte else piece.encode("utf-8")

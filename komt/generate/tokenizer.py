@@ -18,7 +18,6 @@ tokens ship); without a tokenizer.json such a folder is an error, since sentence
 
 from __future__ import annotations
 
-import json
 import os
 import unicodedata
 from collections.abc import Iterable
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from komt.errors import TokenizerError
-from komt.jsonutil import require_regular_file
+from komt.jsonutil import read_json_object, require_regular_file
 from komt.generate.tokenizer_files import TokenizerSettings, read_tokenizer_settings
 
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -89,9 +88,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
         return _load_folder(path, read_tokenizer_settings(path))
-    if not path.is_file():
+    if not path.exists():
         raise TokenizerError(f"{path} does not exist; pass a checkpoint folder containing {SENTENCEPIECE_FILE} "
                              f"or {TOKENIZER_JSON_FILE}, or the file itself")
+    require_regular_file(path, TokenizerError)
     if path.suffix == ".gguf":
         from komt.generate.gguf_tokenizer import tokenizer_from_gguf_metadata
         from komt.model.gguf import GGUFFile
@@ -113,14 +113,15 @@ def _load_folder(folder: Path, settings: TokenizerSettings) -> Tokenizer:
     from komt.generate.sentencepiece_tokenizer import read_sentencepiece
 
     model, tokenizer_json = folder / SENTENCEPIECE_FILE, folder / TOKENIZER_JSON_FILE
-    if not model.is_file():
-        if tokenizer_json.is_file():
+    # exists(), not is_file(): a FIFO or a folder under these names is refused by name when read
+    if not model.exists():
+        if tokenizer_json.exists():
             return read_tokenizer_json(tokenizer_json, settings)
         raise TokenizerError(f"folder {folder} has no {SENTENCEPIECE_FILE} or {TOKENIZER_JSON_FILE}; pass a "
                              f"checkpoint folder containing one of them, or the file itself")
     tokenizer = read_sentencepiece(model, settings)
     added = [i for i in settings.added_token_ids if i >= tokenizer.vocab_size]
-    if tokenizer_json.is_file():
+    if tokenizer_json.exists():
         added += [i for i in _added_token_ids(tokenizer_json) if i >= tokenizer.vocab_size]
         if added:
             return read_tokenizer_json(tokenizer_json, settings)
@@ -133,9 +134,5 @@ def _load_folder(folder: Path, settings: TokenizerSettings) -> Tokenizer:
 
 def _added_token_ids(file: Path) -> list[int]:
     """The ids of tokenizer.json's added tokens, read without building the tokenizer."""
-    require_regular_file(file, TokenizerError)  # a FIFO would block in read_text
-    try:
-        spec = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"cannot read {file}: {err}; re-download it") from None
+    spec = read_json_object(file, TokenizerError)  # strict; a FIFO is refused, not opened
     return [t["id"] for t in spec.get("added_tokens") or [] if isinstance(t, dict) and isinstance(t.get("id"), int)]

@@ -18,13 +18,12 @@ Every file is optional; a file that exists but is not valid JSON is a TokenizerE
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from komt.errors import TokenizerError
-from komt.jsonutil import require_regular_file
+from komt.jsonutil import is_int, read_json_object, require_regular_file
 
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
@@ -53,8 +52,8 @@ class TokenizerSettings:
 
 def read_tokenizer_settings(folder: Path) -> TokenizerSettings:
     """Read the optional tokenizer files of `folder` (see module docstring)."""
-    config = _read_json(folder / CONFIG_FILE)
-    special = _read_json(folder / SPECIAL_TOKENS_FILE)
+    config = read_json_object(folder / CONFIG_FILE, TokenizerError)
+    special = read_json_object(folder / SPECIAL_TOKENS_FILE, TokenizerError)
     tokens = {}
     for name in TOKEN_FIELDS:
         value = _token_content(config.get(name), folder / CONFIG_FILE, name)
@@ -67,7 +66,7 @@ def read_tokenizer_settings(folder: Path) -> TokenizerSettings:
     generation_file = folder / GENERATION_CONFIG_FILE
     if not generation_file.is_file():
         generation_file = folder / MODEL_CONFIG_FILE
-    generation = _read_json(generation_file)
+    generation = read_json_object(generation_file, TokenizerError)
     return TokenizerSettings(
         tokens=tokens,
         additional_special_tokens=tuple(t for t in (_token_content(v, folder / CONFIG_FILE, "additional_special_tokens")
@@ -79,19 +78,6 @@ def read_tokenizer_settings(folder: Path) -> TokenizerSettings:
         added_token_ids=tuple(sorted(int(i) for i in (config.get("added_tokens_decoder") or {}))),
         generation_eos_ids=_id_list(generation.get("eos_token_id"), generation_file),
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        require_regular_file(path, TokenizerError)
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"cannot read {path}: {err}; re-download it or delete it") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _token_content(value: Any, path: Path, name: str) -> str | None:
@@ -114,7 +100,7 @@ def _optional_bool(config: dict[str, Any], name: str, path: Path) -> bool | None
 
 def _id_list(value: Any, path: Path) -> tuple[int, ...]:
     values = value if isinstance(value, list) else [] if value is None else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+    if not all(is_int(v) and v >= 0 for v in values):
         raise TokenizerError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
     return tuple(values)
 
@@ -127,7 +113,7 @@ def _read_chat_templates(folder: Path, config: dict[str, Any]) -> tuple[dict[str
         templates[DEFAULT_TEMPLATE], source = _read_text(folder / TEMPLATE_FILE), str(folder / TEMPLATE_FILE)
     elif (folder / TEMPLATE_JSON_FILE).is_file():
         path = folder / TEMPLATE_JSON_FILE
-        templates, source = _template_value(_read_json(path).get("chat_template"), path), str(path)
+        templates, source = _template_value(read_json_object(path, TokenizerError).get("chat_template"), path), str(path)
     elif config.get("chat_template") is not None:
         path = folder / CONFIG_FILE
         templates, source = _template_value(config["chat_template"], path), str(path)

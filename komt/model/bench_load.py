@@ -20,9 +20,13 @@ from pathlib import Path
 
 import torch
 
-from komt.model.checkpoint import build_empty_model, parse_dtype
+from komt.argtypes import number
+from komt.atomic import write_json_atomic
+from komt.model.checkpoint import build_empty_model
+from komt.model.checkpoint_writer import shard_file_name, split_into_shards
 from komt.model.config import PRESETS, preset
-from komt.model.convert import write_json_atomic
+from komt.model.dtypes import DTYPE_CHOICES, DTYPE_FLAGS, parse_dtype, resolve_dtype
+from komt.model.peak_memory import peak_memory_bytes
 from komt.model.safetensors_file import write_safetensors
 
 
@@ -30,23 +34,13 @@ def write_synthetic_checkpoint(folder: Path, preset_name: str, dtype: torch.dtyp
     """Random weights of the preset's shape, written shard by shard so memory stays at one shard."""
     config = preset(preset_name, torch_dtype=str(dtype).replace("torch.", ""))
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = [(name, tuple(p.shape)) for name, p in build_empty_model(config).named_parameters()]
-    limit = int(shard_gb * 1e9)
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in shapes:
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if groups[-1] and size + nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shape))
-        size += nbytes
-    n = len(groups)
+    meta = list(build_empty_model(config).to(dtype).named_parameters())  # shapes and dtypes, no memory
+    groups = split_into_shards(meta, int(shard_gb * 1e9))
     stem, suffix = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
     weight_map = {}
     for k, group in enumerate(groups, start=1):
-        filename = f"{stem}-{k:05d}-of-{n:05d}.{suffix}"
-        tensors = [(name, torch.empty(shape, dtype=dtype).normal_(std=0.02)) for name, shape in group]
+        filename = shard_file_name(k, len(groups), stem, suffix)
+        tensors = [(name, torch.empty(p.shape, dtype=dtype).normal_(std=0.02)) for name, p in group]
         if fmt == "safetensors":
             write_safetensors(folder / filename, tensors)
         else:
@@ -58,31 +52,31 @@ def write_synthetic_checkpoint(folder: Path, preset_name: str, dtype: torch.dtyp
     write_json_atomic(folder / "config.json", config.to_hf_dict())
 
 
-def _load_in_this_process(folder: str, dtype: str | None, touch: bool) -> None:
+def _load_in_this_process(folder: str, dtype: str, touch: bool) -> None:
     """Child side: load (and with `touch` read every weight once, as a first forward pass would),
     then print JSON with the wall time and VmHWM (peak RSS)."""
     import komt
 
     start = time.perf_counter()
-    model = komt.load_model(folder, dtype=dtype)
+    model = komt.load_model(folder, dtype=resolve_dtype(dtype, torch.device("cpu")))
     if touch:  # zero-copy weights are paged in from the map only when read
         for p in model.parameters():
             p.float().sum() if p.numel() < 2**27 else sum(chunk.float().sum() for chunk in p.split(4096))
     seconds = time.perf_counter() - start
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    status = Path("/proc/self/status").read_text()
-    hwm_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
-    print(json.dumps({"seconds": seconds, "peak_rss_gb": hwm_kb * 1024 / 1e9, "weights_gb": params / 1e9}))
+    peak = peak_memory_bytes(torch.device("cpu"))
+    print(json.dumps({"seconds": seconds, "peak_rss_gb": peak / 1e9, "weights_gb": params / 1e9}))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m komt.model.bench_load", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="komt-mistral-7b", choices=sorted(PRESETS))
     parser.add_argument("--dir", required=True, help="where the synthetic checkpoint is written (reused)")
-    parser.add_argument("--dtype", default="bf16", help="checkpoint dtype (default bf16)")
-    parser.add_argument("--load-dtype", default=None, help="dtype to load as (default: keep)")
+    parser.add_argument("--dtype", choices=DTYPE_FLAGS, default="bf16", help="the checkpoint's dtype (default bf16)")
+    parser.add_argument("--load-dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="dtype to load as; auto (default): the checkpoint's (loading is on the CPU)")
     parser.add_argument("--format", default="safetensors", choices=["safetensors", "bin"])
-    parser.add_argument("--shard-gb", type=float, default=5.0)
+    parser.add_argument("--shard-gb", type=number(0, low_open=True), default=5.0)
     parser.add_argument("--touch", action="store_true",
                         help="read every weight after loading (pages a memory-mapped checkpoint in)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -96,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         write_synthetic_checkpoint(folder, args.preset, parse_dtype(args.dtype), args.shard_gb, args.format)
     size_gb = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")) / 1e9
     cmd = [sys.executable, "-m", "komt.model.bench_load", "--dir", str(folder), "--child"]
-    if args.load_dtype:
-        cmd += ["--load-dtype", args.load_dtype]
+    cmd += ["--load-dtype", args.load_dtype]
     if args.touch:
         cmd.append("--touch")
     run = subprocess.run(cmd, capture_output=True, text=True)

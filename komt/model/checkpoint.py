@@ -33,32 +33,17 @@ from torch import nn
 from komt.errors import CheckpointError, ConfigError
 from komt.jsonutil import read_json, require_regular_file
 from komt.model.config import ModelConfig
+from komt.model.dtypes import DTYPES_BY_NAME, parse_dtype
 from komt.model.linear import replace_module
 from komt.model.quantized_linear import QuantizedLinear, QuantizeSpec, empty_quantized, quantize_linears
 from komt.model.safetensors_file import SafetensorsFile
 from komt.model.transformer import Transformer
-
-DTYPES_BY_NAME = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 
 # Tensors some checkpoints carry that are recomputed, not learned (old Llama exports saved RoPE's inv_freq).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """`"bf16"` / `"bfloat16"` / `torch.bfloat16` -> torch.bfloat16; None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES_BY_NAME[dtype.lower()]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
 
 
 class ShardReader:

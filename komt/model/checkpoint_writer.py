@@ -11,10 +11,7 @@ stored. A head that was quantized separately from a tied embedding is stored as 
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -22,8 +19,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from komt.atomic import current_umask, write_text_atomic
+from komt.atomic import new_temp_folder, publish_folder, write_json_atomic
 from komt.errors import CheckpointError
+from komt.model.nf4 import NF4Linear
 from komt.model.quantized_linear import QuantizedLinear
 from komt.model.safetensors_file import write_safetensors
 
@@ -36,6 +34,10 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 def write_checkpoint(model: nn.Module, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """config.json + weights of `model` into the existing `folder`, in Hugging Face's layout."""
     config = model.config
+    nf4 = next((n for n, m in model.named_modules() if isinstance(m, NF4Linear)), None)
+    if nf4 is not None:  # the loader reads canonical int8/int4 only (QUANT_SPEC.md); NF4 is quantized at load
+        raise CheckpointError(f"{nf4} is an NF4 layer, which komt checkpoints cannot store; write the dense model "
+                              "and load it with quantize='nf4'")
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     tensors = [(name, t) for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")]
     dtype = model.model.embed_tokens.weight.dtype
@@ -48,23 +50,25 @@ def write_checkpoint(model: nn.Module, folder: Path, max_shard_bytes: int = MAX_
             "group_sizes": sorted({m.group_size for m in quantized}),
             "format": "komt canonical int8/int4 (komt.model.quant); load with komt.load_model",
         }
-    write_text_atomic(folder / "config.json", json.dumps(raw, indent=2) + "\n")
+    write_json_atomic(folder / "config.json", raw)
     shards = split_into_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         write_safetensors(folder / "model.safetensors", shards[0], metadata={"format": "pt"})
         return
     weight_map = {}
     for k, shard in enumerate(shards, start=1):
-        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        filename = shard_file_name(k, len(shards))
         write_safetensors(folder / filename, shard, metadata={"format": "pt"})
         weight_map.update({name: filename for name, _ in shard})
     total = sum(t.numel() * t.element_size() for _, t in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    write_text_atomic(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    write_json_atomic(folder / "model.safetensors.index.json", index)
 
 
 def split_into_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups of at most `max_bytes` each (a single larger tensor gets a shard of its own)."""
+    """Consecutive groups of at most `max_bytes` each (a single larger tensor gets a shard of its own).
+
+    Only shapes and dtypes are read, so meta tensors plan the shards of a checkpoint not yet made."""
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, t in tensors:
@@ -77,27 +81,36 @@ def split_into_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -
     return shards
 
 
+def shard_file_name(k: int, n: int, stem: str = "model", suffix: str = "safetensors") -> str:
+    """Hugging Face's name for shard k of n (from 1): `model-00001-of-00003.safetensors`."""
+    return f"{stem}-{k:05d}-of-{n:05d}.{suffix}"
+
+
 def check_new_output(output: Path, flag: str = "--output") -> None:
     """Refuse to write over anything: the output must not exist, or be an empty folder."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise CheckpointError(f"{flag} {output} already exists and is not an empty folder; choose a new one")
 
 
+def copy_tokenizer_files(source: Path, folder: Path) -> None:
+    """The source checkpoint's tokenizer files (those it has) into `folder`: the new one reads text as it did."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+
+
 def write_folder_atomically(output: Path, fill: Callable[[Path], None], copy_from: Path | None = None) -> Path:
     """Build a folder with `fill(tmp)` (plus the tokenizer files of `copy_from`) and rename it to `output`."""
     check_new_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    tmp = new_temp_folder(output)
     try:
         fill(tmp)
-        for name in TOKENIZER_FILES if copy_from is not None else ():
-            if (copy_from / name).is_file():
-                shutil.copyfile(copy_from / name, tmp / name)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+        if copy_from is not None:
+            copy_tokenizer_files(copy_from, tmp)
         if output.exists():
             output.rmdir()  # empty (checked above)
-        os.replace(tmp, output)
+        return publish_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return output

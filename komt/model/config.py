@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from komt.errors import ConfigError
-from komt.jsonutil import read_json
+from komt.jsonutil import is_int, read_json
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 
@@ -41,10 +41,6 @@ _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
 MAX_SIZE = 2**31 - 1
 # The checkpoint dtypes a config may declare (Hugging Face's torch attribute names).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
-def _is_int(value: Any) -> bool:
-    return type(value) is int  # not isinstance: JSON `true` is a bool, and Python's bool is an int
 
 
 def _is_number(value: Any) -> bool:
@@ -86,7 +82,7 @@ class ModelConfig:
             )
         for name in _SIZES:
             value = getattr(self, name)
-            if not _is_int(value) or not 0 < value <= MAX_SIZE:
+            if not is_int(value) or not 0 < value <= MAX_SIZE:
                 raise ConfigError(f"{name} must be a positive integer up to 2^31 - 1, got {value!r:.40}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even (RoPE rotates pairs of channels), got {self.head_dim}")
@@ -95,7 +91,7 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.sliding_window is not None and (not _is_int(self.sliding_window)
+        if self.sliding_window is not None and (not is_int(self.sliding_window)
                                                 or not 0 < self.sliding_window <= MAX_SIZE):
             raise ConfigError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r:.40}")
         for name in ("rms_norm_eps", "rope_theta"):
@@ -106,7 +102,7 @@ class ModelConfig:
             raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r:.40}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if not _is_int(value) or not 0 <= value < self.vocab_size:
+            if not is_int(value) or not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name} must be a token id in [0, {self.vocab_size}), got {value!r:.40}")
         if self.torch_dtype not in DTYPE_NAMES:
             raise ConfigError(f"torch_dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.torch_dtype!r:.40}")
@@ -129,7 +125,7 @@ class ModelConfig:
                 raise ConfigError(f"{source}: missing required key {key!r}")
         n_heads, hidden = raw["num_attention_heads"], raw["hidden_size"]
         head_dim = raw.get("head_dim")
-        if head_dim is None and _is_int(n_heads) and _is_int(hidden) and 0 < n_heads <= MAX_SIZE:
+        if head_dim is None and is_int(n_heads) and is_int(hidden) and 0 < n_heads <= MAX_SIZE:
             if hidden % n_heads:
                 raise ConfigError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads "
                                   f"{n_heads} and no head_dim is given")

@@ -10,19 +10,15 @@ A conversion killed mid-write leaves a `.<shard>.komt-tmp-*` file; the next run 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
 
-from komt.atomic import remove_stale_temp_files, write_text_atomic
+from komt.atomic import remove_stale_temp_files, write_json_atomic
 from komt.errors import CheckpointError
 from komt.model.checkpoint import ShardReader, find_weight_shards
+from komt.model.checkpoint_writer import shard_file_name
 from komt.model.safetensors_file import write_safetensors
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def convert_to_safetensors(folder: str | os.PathLike, log: Callable[[str], None] = print) -> list[Path]:
@@ -34,7 +30,7 @@ def convert_to_safetensors(folder: str | os.PathLike, log: Callable[[str], None]
     if shards[0].suffix == ".safetensors":
         raise CheckpointError(f"{folder}: already has safetensors weights; nothing to convert")
     n = len(shards)
-    targets = [folder / ("model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors")
+    targets = [folder / ("model.safetensors" if n == 1 else shard_file_name(k, n))
                for k in range(1, n + 1)]
     for target in [*targets, folder / "model.safetensors.index.json"]:
         for stale in remove_stale_temp_files(target):  # a run killed mid-write (SIGKILL) could not

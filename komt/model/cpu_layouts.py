@@ -9,6 +9,7 @@ Python API, the CLI, the server, eval and the benches all decode the same way. P
     Int8Linear, grouped (Q8_0)   -> Int8GroupedCPULinear: exactly, as two int4 halves in the int4 kernel
     Int4Linear, O % 64 == 0      -> Int4CPULinear: torch._weight_int4pack_mm_for_cpu's packed layout
     LoRALinear                   -> left as it is; its `base_layer` gets the variant above
+    a quantized lm_head          -> its CPU variant inside PreciseHead (the candidate logits exact in fp32)
 
 and projections that read the same input (q/k/v, gate/up: gpt-fast's wqkv and w13) are fused into one
 product when they are all the same plain kind: one kernel call and its dispatch instead of three.
@@ -23,8 +24,8 @@ import torch
 from torch import nn
 
 from komt.model.cpu_gemv import SplitGEMVLinear, fuse_fp32, n_blocks_for
-from komt.model.cpu_quantized import (Int4CPULinear, Int8CPULinear, Int8GroupedCPULinear, fuse_quantized,
-                                      int4_cpu_supported)
+from komt.model.cpu_quantized import (Int4CPULinear, Int8CPULinear, Int8GroupedCPULinear, PreciseHead,
+                                      fuse_quantized, int4_cpu_supported)
 from komt.model.linear import replace_module
 from komt.model.lora import LoRALinear
 from komt.model.quantized_linear import Int4Linear, Int8Linear
@@ -39,15 +40,16 @@ def _is_fp32_cpu_linear(module: nn.Module) -> bool:
     return module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
 
 
-def _cpu_variant(module: nn.Module, threads: int) -> nn.Module | None:
-    """The CPU layout of one layer, or None where it has none (or already has it)."""
+def _cpu_variant(module: nn.Module, threads: int, head: bool = False) -> nn.Module | None:
+    """The CPU layout of one layer, or None where it has none (or already has it). A quantized `head`
+    keeps what `PreciseHead` needs to recompute its rows exactly."""
     if type(module) is Int8Linear and module.weight.device.type == "cpu":
         if module.group_size == module.in_features:
             return Int8CPULinear(module)
         if int4_cpu_supported(module):
-            return Int8GroupedCPULinear(module)
+            return Int8GroupedCPULinear(module, keep_exact=head)
     if type(module) is Int4Linear and module.weight.device.type == "cpu" and int4_cpu_supported(module):
-        return Int4CPULinear(module)
+        return Int4CPULinear(module, keep_exact=head)
     if type(module) is nn.Linear and _is_fp32_cpu_linear(module):
         n_blocks = n_blocks_for(module.out_features, threads)
         return SplitGEMVLinear(module, n_blocks) if n_blocks >= 2 else None
@@ -80,9 +82,12 @@ def use_cpu_layouts(model: nn.Module, threads: int | None = None) -> int:
     for name in _projection_names(model):  # each old layer is freed once swapped (see _projection_names)
         module = model.get_submodule(name)
         if not _grouped(module):
-            new = _cpu_variant(module, threads)
+            new = _cpu_variant(module, threads, head=name == "lm_head")
             if new is not None:
                 replace_module(model, name, new)
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, (Int8CPULinear, Int8GroupedCPULinear, Int4CPULinear)):
+        model.lm_head = PreciseHead(head)  # bf16 kernel logits, candidates recomputed exactly
     for members in _shared_input_groups(model):  # quantized groups: fused once their members are swapped
         kind = type(members[0])
         if kind in (Int8CPULinear, Int4CPULinear) and all(type(m) is kind and not _grouped(m) for m in members):

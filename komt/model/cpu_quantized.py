@@ -27,11 +27,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from komt.model.linear import SharedInputGroup
 from kernels.reference import unpack_int4
+from komt.model.linear import SharedInputGroup
 from komt.model.quant import pack_int4
 from komt.model.quantized_linear import Int4Linear, Int8Linear, QuantizedLinear, _frozen
 
@@ -71,6 +70,10 @@ class Int8CPULinear(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return Int8Linear.dequantize(self, dtype)
 
+    def exact_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` of the weight, dequantized exactly in fp32 (for `PreciseHead`): [len(rows), I]."""
+        return self.weight[rows].float() * self.scales[rows].float()  # per channel: scales (O, 1)
+
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch._weight_int8pack_mm(_as_rows(x), self._parameters["weight"], self._kernel_scales)
         return out.to(x.dtype).view(x.shape[:-1] + (self.out_features,))
@@ -108,13 +111,17 @@ class Int4CPULinear(QuantizedLinear):
 
     bits = 4
 
-    def __init__(self, layer: Int4Linear) -> None:
+    def __init__(self, layer: Int4Linear, keep_exact: bool = False) -> None:
         super().__init__(layer.in_features, layer.out_features, layer.group_size)
         q = unpack_int4(layer.weight.detach()).to(torch.int32)  # (O, I) in 0..15
         self.weight = _frozen(torch._convert_weight_to_int4pack_for_cpu(q, 1))
         scales, offsets = layer.scales.detach().float(), layer.offsets.detach().float()
         table = torch.stack((scales, offsets + 8 * scales), dim=-1)  # (O, G, 2)
         self.scales_and_zeros = _frozen(table.transpose(0, 1).contiguous().to(torch.bfloat16))  # (G, O, 2)
+        # For a head (`keep_exact`): the exact fp16 scales and offsets too, which `exact_rows` needs. Other
+        # layers do without: they are a fifth of the packed weight's size (0.7 GB for the 7B shape).
+        self.exact_scales = layer.scales.detach().clone() if keep_exact else None
+        self.exact_offsets = layer.offsets.detach().clone() if keep_exact else None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = _unpack_cpu_int4(self.weight.detach(), self.out_features, self.in_features).float()  # (O, I)
@@ -122,6 +129,18 @@ class Int4CPULinear(QuantizedLinear):
         g = self.group_size
         w = (q.view(self.out_features, -1, g) - 8) * table[..., :1] + table[..., 1:]  # (O, G, g)
         return w.view(self.out_features, self.in_features).to(dtype)
+
+    def exact_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` of the weight, dequantized exactly in fp32 from the packed bytes: [len(rows), I]."""
+        if self.exact_scales is None:
+            raise ValueError("exact_rows needs a layer built with keep_exact=True (a head)")
+        blocks = self.weight.detach().view(-1, self.in_features, _PACK_BLOCK_N // 2)  # (O/64, I, 32)
+        j = rows % _PACK_BLOCK_N
+        picked = blocks[rows // _PACK_BLOCK_N, :, j % (_PACK_BLOCK_N // 2)]  # (n, I): the byte of each element
+        q = torch.where((j < _PACK_BLOCK_N // 2)[:, None], picked & 0xF, picked >> 4).float()  # (n, I)
+        g = self.group_size
+        w = q.view(len(rows), -1, g) * self.exact_scales[rows].float()[..., None] + self.exact_offsets[rows].float()[..., None]
+        return w.view(len(rows), self.in_features)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch._weight_int4pack_mm_for_cpu(
@@ -145,21 +164,58 @@ class Int8GroupedCPULinear(QuantizedLinear):
 
     bits = 8
 
-    def __init__(self, layer: Int8Linear) -> None:
+    def __init__(self, layer: Int8Linear, keep_exact: bool = False) -> None:
         super().__init__(layer.in_features, layer.out_features, layer.group_size)
         q = layer.weight.detach().to(torch.int16)  # (O, I)
         nibbles = torch.cat((torch.div(q, 16, rounding_mode="floor") + 8, q % 16), dim=1)  # (O, 2I): hi + 8 | lo
         s = layer.scales.detach().float()  # (O, G)
         scales = torch.cat((16 * s, s), dim=1)  # per group of the doubled row
         offsets = torch.cat((-128 * s, torch.zeros_like(s)), dim=1)  # hi: (n - 8) 16 s = n 16 s - 128 s
-        self.inner = Int4CPULinear(Int4Linear(pack_int4(nibbles), scales.half(), offsets.half()))
+        self.inner = Int4CPULinear(Int4Linear(pack_int4(nibbles), scales.half(), offsets.half()), keep_exact)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         doubled = self.inner.dequantize(torch.float32)  # (O, 2I)
         return (doubled[:, : self.in_features] + doubled[:, self.in_features :]).to(dtype)
 
+    def exact_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        doubled = self.inner.exact_rows(rows)  # (n, 2I): 16 s hi | s lo, exact (fp16 scales times 16)
+        return doubled[:, : self.in_features] + doubled[:, self.in_features :]
+
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner._kernel_forward(torch.cat((x, x), dim=-1))
+
+
+class PreciseHead(nn.Module):
+    """The vocabulary projection on a quantized CPU kernel, with the candidate logits recomputed exactly.
+
+    The CPU kernels return bf16, whose 8-bit mantissa resolves a logit of 25 only to 0.125: two tokens whose
+    true logits differ by 0.08 come out equal, and greedy decoding picks by the tie (measured on
+    SmolLM2-135M's Q4_1 file: the exact weights answer "The capital of France is Paris.", the bf16 logits tie
+    "The" with "L'" and the answer becomes French nonsense; llama.cpp, whose 8-bit activations round even
+    more, answers the same nonsense). So the `top` largest logits of each row, where every sampling decision
+    is made (greedy, top-k, top-p, and all but a negligible share of the probability mass), are recomputed in
+    fp32 from the exactly dequantized rows; the rest keep the kernel's value. Costs a top-k and
+    top x I multiply-adds a row: ~1 % of a SmolLM2 decode step.
+    """
+
+    def __init__(self, layer: QuantizedLinear, top: int = 64) -> None:
+        super().__init__()
+        self.layer, self.top = layer, min(top, layer.out_features)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.layer.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.layer(x)
+        if x.requires_grad:
+            return logits
+        rows = x.reshape(-1, self.in_features).float()  # (M, I)
+        flat = logits.reshape(-1, self.out_features)  # (M, V)
+        candidates = flat.topk(self.top, dim=-1).indices  # (M, top)
+        exact = self.layer.exact_rows(candidates.reshape(-1)).view(*candidates.shape, self.in_features)  # (M, top, I)
+        flat = flat.float().scatter(1, candidates, torch.einsum("mi,mki->mk", rows, exact))
+        return flat.to(logits.dtype).view(logits.shape)
 
 
 def fuse_quantized(members: tuple[QuantizedLinear, ...]) -> SharedInputGroup:

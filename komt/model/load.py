@@ -8,41 +8,17 @@ from pathlib import Path
 
 import torch
 
+from kernels._launch import interpreting
 from komt.errors import CheckpointError, ConfigError
 from komt.model.attention import KERNEL_BACKENDS
-from komt.model.checkpoint import ProgressFn, load_checkpoint, parse_dtype
+from komt.model.checkpoint import ProgressFn, load_checkpoint
 from komt.model.config import ModelConfig
+from komt.model.device import parse_device
+from komt.model.dtypes import parse_dtype
 from komt.model.gguf_model import is_gguf, load_gguf_model
 from komt.model.hub import resolve_model_path
 from komt.model.quantized_linear import QuantizeSpec
 from komt.model.transformer import Transformer
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    """`"cuda:1"` -> torch.device, checked against this machine; None is the CPU.
-
-    A misspelt device (`gpu0`) or CUDA on a machine without it is a ConfigError here, at the edge,
-    instead of a torch RuntimeError/AssertionError from the first allocation.
-    """
-    if device is None:
-        return torch.device("cpu")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"unknown device {str(device)!r:.40}; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device}: CUDA is not available on this machine; use cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {device}: MPS is not available on this machine; use cpu")
-    return parsed
-
-
-def _triton_interpreting() -> bool:
-    """TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors (the tests do); read as kernels._launch does."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_supports(head_dim: int) -> bool:
@@ -70,7 +46,7 @@ def choose_kernels(device: torch.device, requested: str | None = None, head_dim:
         return "triton"
     if choice not in KERNEL_BACKENDS:
         raise ConfigError(f"KOMT_KERNELS / kernels must be one of {', '.join(KERNEL_BACKENDS)}, got {choice!r}")
-    if choice == "triton" and device.type != "cuda" and not _triton_interpreting():
+    if choice == "triton" and device.type != "cuda" and not interpreting():  # TRITON_INTERPRET=1: CPU tensors
         raise ConfigError(f"kernels triton (from --kernels or KOMT_KERNELS) needs a CUDA device, not {device}; "
                           "use torch kernels on the CPU")
     if choice == "triton" and not triton_supports(head_dim):
@@ -108,8 +84,9 @@ def load_model(
 
     `dtype` None keeps the dtype of the checkpoint's tensors (a file that mixes dtypes gets its config's
     `torch_dtype`, else float32); `adapter` applies a PEFT LoRA adapter folder; `kernels` picks "torch"
-    or "triton" (default: Triton on CUDA). `quantize` "int8" / "int4" quantizes the linear layers while
-    loading (`group_size`: int8 per channel by default, int4 32); a checkpoint written by
+    or "triton" (default: Triton on CUDA). `quantize` "int8" / "int4" / "nf4" quantizes the linear layers
+    while loading (`group_size`: int8 per channel by default, int4 32; nf4 QLoRA's NormalFloat in blocks of
+    64 with double-quantized maxima); a checkpoint written by
     `python -m komt.quantize` or a GGUF file's Q8_0/Q4_0/Q4_1 tensors load quantized as stored. `layout`
     "auto" gives a CPU model the fast CPU decoding layouts (komt.model.cpu_layouts); "plain" keeps the
     layers as loaded. `model(input_ids)` -> logits [B, T, V]. The device, the kernels and the checkpoint's
@@ -133,7 +110,7 @@ def load_model(
     model.source_path = folder
     fallbacks = spec.fallbacks(model) if spec is not None else []
     if fallbacks:
-        print(f"komt: {len(fallbacks)} layers have an input size that int4 groups of {spec.group_size or 32} do not "
+        print(f"komt: {len(fallbacks)} layers have an input size that {spec.method} blocks of {spec.block} do not "
               f"divide (e.g. {fallbacks[0]}); they use int8 per channel", file=sys.stderr)
     if adapter is not None:
         from komt.model.lora import load_adapter

@@ -21,17 +21,18 @@ layer of the right shape, or it is a `CheckpointError` naming it. PEFT features 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from komt.atomic import write_text_atomic
+from komt.atomic import write_json_atomic
 from komt.jsonutil import read_json
 from komt.errors import CheckpointError, ConfigError
 from komt.model.linear import dense_weight, is_linear, replace_module
@@ -158,6 +159,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         self.dropout = InputDropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.enabled = True  # False: the base layer alone (see `lora_disabled`)
         self.reset_lora_parameters()
         # The state dict names the base's tensors as the unwrapped layer did (`q_proj.weight`, not
         # `q_proj.base_layer.weight`), so a base checkpoint loads into a LoRA model unchanged.
@@ -171,7 +173,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return out
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their own dtype
             x = x.to(self.lora_A.weight.dtype)
@@ -268,6 +270,25 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model inside the block: every LoRA update switched off (PEFT's `disable_adapter()`).
+
+    DPO scores its reference with this, so the reference costs no second copy of the weights. A merged
+    layer has its update folded into `weight` and cannot be switched off: that is a ConfigError.
+    """
+    layers = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in layers):
+        raise ConfigError("cannot disable merged LoRA layers: their update is part of the weight; unmerge first")
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under komt's (= Hugging Face) module names: `<module>.lora_A.weight`, ..."""
     state = {}
@@ -278,9 +299,21 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, tied weights counted once."""
+    """(trainable, total) parameter counts, tied weights counted once.
+
+    A quantized layer counts the weights it stands for (out x in), not its storage: NF4 packs two weights
+    a byte and keeps block maxima, so counting its tensors would make a QLoRA model look half its size.
+    """
+    stored: set[int] = set()
+    logical = 0
+    for module in model.modules():
+        own = {id(p) for p in module.parameters()}
+        if is_linear(module) and not isinstance(module, (nn.Linear, LoRALinear)) and own and not own & stored:
+            logical += module.in_features * module.out_features  # (a wrapper's inner layer is not counted again)
+            stored |= own
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    total = logical + sum(p.numel() for p in params if id(p) not in stored)
+    return sum(p.numel() for p in params if p.requires_grad), total
 
 
 def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -314,7 +347,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, config: LoRAConfig
     if not state:
         raise ConfigError("the model has no LoRA layers to save")
     write_safetensors(folder / ADAPTER_WEIGHTS, [(PEFT_PREFIX + k, v.detach()) for k, v in state.items()])
-    write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config.to_peft_dict(base_model_name_or_path), indent=2) + "\n")
+    write_json_atomic(folder / ADAPTER_CONFIG, config.to_peft_dict(base_model_name_or_path))
 
 
 def read_adapter_config(folder: str | os.PathLike) -> LoRAConfig:

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import torch
 
+from komt.jsonutil import is_int
+
 INT4_GROUP_SIZES = (32, 64, 128)
 _ROWS_PER_CHUNK = 1024  # 1024 x 14336 fp32 temporaries: ~60 MB
 
 
 def check_group_size(group_size: int, in_features: int, what: str = "group_size") -> None:
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+    if not is_int(group_size) or group_size <= 0:
         raise ValueError(f"{what} must be a positive integer, got {group_size!r}")
     if in_features % group_size:
         raise ValueError(f"{what} {group_size} does not divide the {in_features} input features")

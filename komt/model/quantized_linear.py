@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from komt.errors import ConfigError
+from komt.jsonutil import is_int
 from komt.model.linear import replace_module
 from kernels.reference import dequantize_int4, dequantize_int8
 from komt.model.quant import INT4_GROUP_SIZES, quantize_int4, quantize_int8
 
-QUANTIZE_CHOICES = ("int8", "int4")
-DEFAULT_GROUP_SIZE = {"int8": None, "int4": 32}  # int8: per output channel
+QUANTIZE_CHOICES = ("int8", "int4", "nf4")
+DEFAULT_GROUP_SIZE = {"int8": None, "int4": 32, "nf4": 64}  # int8: per output channel; nf4: its fixed block
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -148,11 +149,16 @@ class Int4Linear(QuantizedLinear):
 
 
 def quantized_from_dense(weight: torch.Tensor, method: str, group_size: int | None = None) -> QuantizedLinear:
-    """An Int8Linear / Int4Linear holding `weight` quantized ("int8" or "int4"; group None = the default)."""
+    """An Int8Linear / Int4Linear / NF4Linear holding `weight` quantized (group None = the default)."""
     if method == "int8":
         return Int8Linear.from_dense(weight, group_size)
     if method == "int4":
         return Int4Linear.from_dense(weight, group_size or DEFAULT_GROUP_SIZE["int4"])
+    if method == "nf4":
+        # Imported here: komt.model.nf4 builds NF4Linear on QuantizedLinear, defined above.
+        from komt.model.nf4 import NF4Linear
+
+        return NF4Linear.from_weight(weight.detach())
     raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {method!r}")
 
 
@@ -167,7 +173,8 @@ def empty_quantized(method: str, out_features: int, in_features: int, group_size
 class QuantizeSpec:
     """How `load_model(quantize=...)` quantizes a checkpoint's linear layers while reading them.
 
-    Every projection gets `method` with `group_size` (None: int8 per channel, int4 groups of 32). The
+    Every projection gets `method` with `group_size` (None: int8 per channel, int4 groups of 32; nf4 is
+    QLoRA's NormalFloat in its fixed blocks of 64 with double-quantized maxima, komt.model.nf4). The
     vocabulary projection `lm_head` is always int8 per channel: it is 20 % of SmolLM2-135M's weights and
     the layer whose error reaches the logits undiluted, so it keeps 8 bits (llama.cpp likewise keeps its
     output tensor at Q6_K in a Q4_0 file). The embedding stays dense: a lookup reads one row per token.
@@ -177,8 +184,8 @@ class QuantizeSpec:
     group_size: int | None = None
 
     def fallbacks(self, model: nn.Module) -> list[str]:
-        """Layers that did not get `method` (int4 groups that do not divide their inputs), lm_head aside."""
-        if self.method != "int4":
+        """Layers that did not get `method` (int4/nf4 blocks that do not divide their inputs), lm_head aside."""
+        if self.method == "int8":
             return []
         return [n for n, m in model.named_modules()
                 if isinstance(m, QuantizedLinear) and m.bits == 8 and not n.endswith("lm_head")]
@@ -187,21 +194,30 @@ class QuantizeSpec:
         if self.method not in QUANTIZE_CHOICES:
             raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.method!r}")
         g = self.group_size
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
+        if g is not None and (not is_int(g) or g <= 0):
             raise ConfigError(f"group_size must be a positive integer, got {g!r}")
         if self.method == "int4" and g is not None and g not in INT4_GROUP_SIZES:
             raise ConfigError(f"int4 group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {g}")
+        if self.method == "nf4" and g is not None and g != DEFAULT_GROUP_SIZE["nf4"]:
+            raise ConfigError(f"nf4 quantizes in fixed blocks of {DEFAULT_GROUP_SIZE['nf4']}; group_size {g} is not "
+                              "available (leave it unset)")
+
+    @property
+    def block(self) -> int | None:
+        """The input block one scale covers (None: a whole row, int8's default)."""
+        return self.group_size or DEFAULT_GROUP_SIZE[self.method]
 
     def layer(self, name: str, weight: torch.Tensor) -> QuantizedLinear:
         """The quantized layer for the dense `weight` [O, I] of the layer called `name`.
 
-        A layer whose input size the int4 group does not divide (small test models) gets int8 per channel,
-        as llama.cpp falls back to another type for such rows; `fallbacks` names them for the caller.
+        A layer whose input size the int4 group (or NF4's block of 64) does not divide (small test models)
+        gets int8 per channel, as llama.cpp falls back to another type for such rows; `fallbacks` names them
+        for the caller.
         """
         try:
             if name == "lm_head" or name.endswith(".lm_head"):
                 return Int8Linear.from_dense(weight)
-            if self.method == "int4" and weight.shape[1] % (self.group_size or DEFAULT_GROUP_SIZE["int4"]):
+            if self.method != "int8" and weight.shape[1] % self.block:
                 return Int8Linear.from_dense(weight)
             return quantized_from_dense(weight, self.method, self.group_size)
         except ValueError as err:
@@ -221,4 +237,17 @@ def quantize_linears(model: nn.Module, spec: QuantizeSpec,
         linear = model.get_submodule(name)
         weight = weight_of(name, linear) if weight_of is not None else linear.weight
         replace_module(model, name, spec.layer(name, weight.detach()))
+    return len(names)
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every quantized layer of `model` (int8, int4, NF4) by a plain nn.Linear of its dequantized
+    weight in `dtype`; return how many. The model then computes, within `dtype`'s rounding, what it
+    computed quantized: merging a QLoRA adapter writes such a model (komt.train.merge)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    for name in names:
+        layer = model.get_submodule(name)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(layer.dequantize(dtype), requires_grad=False)
+        replace_module(model, name, linear)
     return len(names)

@@ -25,7 +25,7 @@ import torch
 
 from komt.atomic import atomic_file
 from komt.errors import CheckpointError
-from komt.jsonutil import parse_json, require_regular_file
+from komt.jsonutil import is_int, parse_json, require_regular_file
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -41,10 +41,6 @@ class _Entry(NamedTuple):
     shape: tuple[int, ...]
     begin: int  # byte offsets relative to the end of the header
     end: int
-
-
-def _is_int(value: object) -> bool:
-    return type(value) is int  # JSON `true` is a bool, and Python's bool is an int
 
 
 class SafetensorsFile:
@@ -90,10 +86,10 @@ class SafetensorsFile:
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{bad}: dtype {dtype!r:.20} is not one of {', '.join(DTYPES)}")
-        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d) and 0 <= d < 2**63 for d in shape):
             raise CheckpointError(f"{bad}: shape must be a list of non-negative integers, got {shape!r:.60}")
         if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(_is_int(o) and 0 <= o < 2**63 for o in offsets)):
+                or not all(is_int(o) and 0 <= o < 2**63 for o in offsets)):
             raise CheckpointError(f"{bad}: data_offsets must be two non-negative integers, got {offsets!r:.60}")
         begin, end = offsets
         numel = 1

@@ -93,7 +93,7 @@ class Transformer(nn.Module):
 
     `forward(input_ids)` scores positions 0..T-1 with no cache (training, parity tests).
     With `cache` (see komt.generate.cache.KVCache), `positions` [B, T] gives each token's absolute
-    position; the cache stores keys/values and says which slots each query sees.
+    position; the cache stores keys/values and says which slots each query sees (`attention_context`).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -120,9 +120,15 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache=None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] in fp32 (or [B, 1, V] with `last_only`, which skips the big lm_head GEMM
-        for every prompt position but the last, the only one generation samples from)."""
+        for every prompt position but the last, the only one generation samples from; or [B, n, V] at the
+        n query indices `logits_at` [n], for a batch packing several requests into one row).
+
+        The cache, when given, decides what attention sees: it stores this forward's keys and builds the
+        `AttentionContext` (komt.generate.cache.KVCache and the server's paged cache each their own way).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -130,11 +136,18 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, signed_sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        key_positions = cache.prepare(positions) if cache is not None else None
-        ctx = AttentionContext.build(positions, key_positions, self.config.sliding_window, self.kernels)
+        window = self.config.sliding_window
+        if cache is None:
+            ctx = AttentionContext.build(positions, None, window, self.kernels)
+        else:
+            ctx = cache.attention_context(positions, window, self.kernels)
         for layer in self.model.layers:
             x = layer(x, cos, signed_sin, ctx, cache)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[:, logits_at]  # (B, T, C) -> (B, n, C)
+            if x.shape[1] == 0:  # nothing to score (a prompt's middle chunk): no head to run
+                return x.new_zeros(B, 0, self.config.vocab_size, dtype=torch.float32)
         x = self.model.norm(x)
         return self.lm_head(x).float()

@@ -1,47 +1,52 @@
-"""Continuous batching: one thread owns the model and a KV cache of `max_batch` rows; requests join the
-running batch between decode steps and leave it the moment they finish (iteration-level scheduling, as in
-Orca, Yu et al. 2022, and vLLM's engine loop).
+"""Continuous batching: one thread owns the model, a scheduler and a runner; HTTP only submits, cancels,
+and receives events.
 
-    HTTP handlers --submit()--> waiting queue (QueueFull beyond max_batch running + max_queue waiting)
-    engine thread, forever:
-        admit   for each waiting request and free row b: clear row b, prefill the prompt into
-                cache.row(b), sample its first token: the request has joined the batch
-        decode  one forward over rows 0..hi-1 (hi = highest busy row + 1), every row at its own position;
-                each busy row samples with its own SamplingParams and torch.Generator
-        retire  a row whose request met EOS, a stop string, max_tokens or its deadline, or whose client
-                left, is freed at once for the next waiting request
+    HTTP handlers --submit()--> inbox (QueueFull beyond max_batch running + max_queue waiting)
+    engine thread, each step:
+        new requests join the scheduler; cancelled and expired ones leave it
+        scheduler.schedule()   who prefills (a chunk) and who decodes, under the token budget
+        runner.run(step)       one forward over the scheduled tokens, one batched sampling call
+        scheduler.advance()    those tokens are in the KV cache; full blocks join the prefix cache
+        each sampled token -> its request's DecodingState -> a Delta event; a finished request frees its blocks
 
-A free row below hi rides along in the decode forward (token 0 at position 0, written into its own row and
-never read): cheaper than compacting the cache, and admission takes the lowest free row so busy rows stay
-packed at the front.
+Three small parts with one job each (nano-vllm's split): `Scheduler` (komt.serve.scheduler) decides,
+`Runner` (komt.serve.runner) computes, `BlockManager` (komt.serve.blocks) owns the paged KV cache's
+blocks and the prefix cache. This module is the loop between them and the way back to the clients.
 
-Why batching cannot change greedy tokens: each row has its own positions, cache slots and visibility mask;
-rows share only the weight GEMMs, which compute each row from that row alone. tests/test_serve.py checks
-greedy and seeded outputs under concurrency against `komt.generate.generate`.
+Why batching cannot change greedy tokens: each request has its own positions and blocks, and attention
+masks every other request out; requests share only the weight GEMMs, which compute each row from that
+row alone. tests/test_serve.py checks greedy and seeded outputs under concurrency against `generate`.
 
-Events go back to each request through its `deliver` callable (the HTTP layer passes one that hops onto
-its event loop): text pieces as soon as they are final, then exactly one `Finished` or `Failed`.
+A request asking for n choices is n requests seeded seed, seed + 1, ... (mod 2^64); the later ones wait
+until the first has prefilled the prompt, then take its blocks from the prefix cache. Events go back
+through the submission's `deliver` callable (the HTTP layer passes one that hops onto its event loop):
+Delta pieces as soon as text is final, then exactly one Finished or Failed per choice.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
-from komt.errors import GenerationError, KomtError
-from komt.generate.cache import KVCache
-from komt.generate.generation import decode_step, prefill
-from komt.generate.sampling import SamplingParams, sample
-from komt.generate.stream import StopMatcher, StreamDecoder
+from komt.errors import ConfigError, GenerationError, KomtError
+from komt.generate.context_length import check_context_length
+from komt.generate.decoding import DecodingState, TokenLogprob
+from komt.generate.paged_cache import PagedKVCache
+from komt.generate.sampling import SamplingParams
+from komt.serve.blocks import BlockManager
+from komt.serve.budget import kv_cache_blocks, request_blocks
 from komt.serve.metrics import ServerMetrics
+from komt.serve.runner import Runner
+from komt.serve.scheduler import Request, Scheduler
 
 log = logging.getLogger("komt.serve")
+
+# Tokens per step. Small on the CPU, where a step's prefill chunk costs about its length in compute and
+# every running stream waits for it; on a GPU a chunk of 2048 (vLLM's default) shares the weight reads.
+DEFAULT_BATCHED_TOKENS = {"cuda": 2048, "cpu": 128}
 
 
 class QueueFull(KomtError):
@@ -49,59 +54,48 @@ class QueueFull(KomtError):
 
 
 @dataclass(frozen=True)
-class Finished:
-    """The last event of a generation that ran to its end."""
+class Delta:
+    """Text one sampled token made final (may be ""), and that token's log-probabilities when asked for."""
 
+    choice: int
+    text: str
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a choice that ran to its end."""
+
+    choice: int
     reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
 @dataclass(frozen=True)
 class Failed:
-    """The last event of a generation that could not finish."""
+    """The last event of a choice that could not finish."""
 
+    choice: int
     reason: str  # "timeout", "error", "shutdown" or "cancelled"
     message: str
 
 
-Event = str | Finished | Failed  # a text piece, or the end
+Event = Delta | Finished | Failed
 
 
 class Job:
-    """One generation as the engine sees it: the request, its decoding state, and its way back."""
+    """One submission as the HTTP side holds it: its n requests, and its way back."""
 
-    def __init__(
-        self,
-        prompt_ids: Sequence[int],
-        max_tokens: int,
-        params: SamplingParams,
-        generator: torch.Generator,
-        decoder: StreamDecoder,
-        matcher: StopMatcher,
-        eos_id: int,
-        deadline: float | None,
-        deliver: Callable[[Event], None],
-    ) -> None:
-        self.prompt_ids = list(prompt_ids)
-        self.max_tokens = max_tokens
-        self.params = params
-        self.generator = generator
-        self.decoder, self.matcher = decoder, matcher
-        self.eos_id = eos_id
-        self.deadline = deadline
+    def __init__(self, deliver: Callable[[Event], None], deadline: float | None) -> None:
         self.deliver = deliver
-        self.arrived = time.perf_counter()
-        self.seen: torch.Tensor | None = None  # (1, V) tokens so far, for the repetition penalty
-        self.row: int | None = None
-        self.position = 0  # where the last sampled token goes in the next decode step
-        self.last_token = 0
-        self.completion_tokens = 0
-        self.last_token_at: float | None = None
+        self.deadline = deadline
+        self.requests: list[Request] = []
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
-        """Ask the engine to drop this request (its client left); it frees the row before the next step."""
+        """Ask the engine to drop this submission (its client left); its blocks are freed before the next step."""
         self._cancelled.set()
 
     @property
@@ -113,7 +107,13 @@ class Job:
 
 
 class Engine:
-    """The batching loop over one model (see module docstring). `start()` it, `submit()` to it, `stop()` it."""
+    """The batching loop over one model (module docstring). `start()` it, `submit()` to it, `stop()` it.
+
+    max_batch: requests running at once; max_queue: requests waiting beyond those; max_num_batched_tokens:
+    tokens per step (default 2048 on CUDA, 128 on the CPU); block_size: tokens per KV block;
+    kv_cache_tokens / kv_cache_fraction: the cache budget (komt.serve.budget); max_model_len: the longest
+    prompt + answer served (default: the model's context); compile_mode: compile the decode step.
+    """
 
     def __init__(
         self,
@@ -122,26 +122,43 @@ class Engine:
         *,
         max_batch: int = 8,
         max_queue: int = 64,
-        prefill_chunk: int = 512,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        kv_cache_tokens: int | None = None,
+        kv_cache_fraction: float | None = None,
+        max_model_len: int | None = None,
+        prefix_caching: bool = True,
+        compile_mode: str | None = None,
         metrics: ServerMetrics | None = None,
     ) -> None:
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise GenerationError(f"need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1; got "
-                                  f"{max_batch}, {max_queue}, {prefill_chunk}")
-        self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.metrics = metrics or ServerMetrics()
         config = model.config
-        self.context = config.max_position_embeddings
         weight = model.model.embed_tokens.weight
         self.device = weight.device
-        if config.sliding_window is not None:
-            prefill_chunk = min(prefill_chunk, config.sliding_window)
-        # A rolling buffer of W + chunk - 1 slots per row with a window, the whole context without one.
-        self.cache = KVCache(config, max_batch, self.context, prefill_chunk, self.device, weight.dtype)
-        self._rows: list[Job | None] = [None] * max_batch
-        self._waiting: collections.deque[Job] = collections.deque()
-        self._in_flight = 0  # submitted and not yet finished: running + waiting
+        context = config.max_position_embeddings
+        self.context = context if max_model_len is None else max_model_len
+        chunk = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
+        if max_batch < 1 or max_queue < 0 or block_size < 1 or not 1 <= self.context <= context:
+            raise ConfigError(f"need --max-batch >= 1, --max-queue >= 0, --block-size >= 1 and --max-model-len in "
+                              f"[1, {context}]; got {max_batch}, {max_queue}, {block_size}, {self.context}")
+        if chunk < max_batch:
+            raise ConfigError(f"--max-num-batched-tokens {chunk} must be >= --max-batch {max_batch} "
+                              "(every running request decodes a token each step)")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.block_size, self.chunk = max_batch, max_queue, block_size, chunk
+        self.metrics = metrics or ServerMetrics()
+        n_blocks = kv_cache_blocks(config, weight.dtype, self.device, block_size=block_size,
+                                   max_model_len=self.context, max_batch=max_batch, chunk=chunk,
+                                   tokens=kv_cache_tokens, fraction=kv_cache_fraction)
+        if getattr(model, "kernels", "torch") == "triton" and max_batch * 2 * (self.context + 1) >= 2**31:
+            # the packed layout's shifted positions (komt.generate.paged_cache) are int32 in the Triton kernels
+            raise ConfigError(f"--max-batch {max_batch} x --max-model-len {self.context} is too large for the Triton "
+                              "kernels' int32 positions; lower either")
+        self.cache = PagedKVCache(config, n_blocks, block_size, self.device, weight.dtype)
+        self.blocks = BlockManager(n_blocks, block_size, config.sliding_window, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_batch, max_num_batched_tokens=chunk)
+        self.runner = Runner(model, self.cache, max_model_len=self.context, compile_mode=compile_mode)
+        self._inbox: list[Job] = []
+        self._in_flight = 0  # requests submitted and not yet ended: running + waiting
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -158,31 +175,37 @@ class Engine:
         seed: int | None = None,
         stop: Sequence[str] = (),
         timeout: float | None = None,
+        n: int = 1,
+        logprobs: int | None = None,
+        cache_salt: str | None = None,
     ) -> Job:
-        """Queue a generation; its events arrive through `deliver` (called from the engine thread)."""
-        if not prompt_ids or max_tokens < 1 or len(prompt_ids) + max_tokens > self.context:
-            raise GenerationError(f"a prompt of {len(prompt_ids)} tokens plus max_tokens {max_tokens} must fit "
-                                  f"the context of {self.context} tokens")
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        deadline = time.perf_counter() + timeout if timeout is not None else None
-        job = Job(prompt_ids, max_tokens, params, generator, StreamDecoder(self.tokenizer), StopMatcher(stop),
-                  self.tokenizer.eos_id, deadline, deliver)
-        if params.repetition_penalty != 1.0:
-            job.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-            job.seen[0, job.prompt_ids] = True
+        """Queue a generation of `n` choices; their events arrive through `deliver` (called from the engine thread)."""
+        if not prompt_ids or max_tokens < 1 or n < 1:
+            raise GenerationError(f"a request needs a prompt, max_tokens >= 1 and n >= 1; got {len(prompt_ids)} "
+                                  f"prompt tokens, max_tokens {max_tokens}, n {n}")
+        check_context_length(len(prompt_ids), max_tokens, self.context, limit="max_tokens")
+        need = request_blocks(len(prompt_ids) + max_tokens, self.block_size, self.model.config.sliding_window,
+                              self.chunk)
+        if need > self.blocks.capacity:
+            raise GenerationError(f"a prompt of {len(prompt_ids)} tokens plus max_tokens {max_tokens} needs {need} "
+                                  f"KV blocks; the cache holds {self.blocks.capacity}: lower max_tokens")
+        job = Job(deliver, time.perf_counter() + timeout if timeout is not None else None)
+        for i in range(n):
+            state = DecodingState(prompt_ids, max_new_tokens=max_tokens, vocab_size=self.model.config.vocab_size,
+                                  device=self.device, params=params,
+                                  seed=None if seed is None else (seed + i) % 2**64 if seed >= 0 else seed + i,
+                                  eos_id=self.tokenizer.stop_ids, tokenizer=self.tokenizer, stop=stop,
+                                  logprobs=logprobs)
+            leader = job.requests[0] if job.requests else None
+            job.requests.append(Request(state, cache_salt=cache_salt, leader=leader, owner=(job, i)))
         with self._cond:
             if self._stopping or self._thread is None:
                 raise GenerationError("the engine is not running")
-            if self._in_flight >= self.max_batch + self.max_queue:
+            if self._in_flight + n > self.max_batch + self.max_queue:
                 raise QueueFull(f"server busy: {self._in_flight} requests in flight (max batch {self.max_batch} "
                                 f"+ max queue {self.max_queue}); retry later")
-            self._in_flight += 1
-            self._waiting.append(job)
-            self.metrics.queue_depth.set(len(self._waiting))
+            self._in_flight += n
+            self._inbox.append(job)
             self._cond.notify()
         return job
 
@@ -213,160 +236,111 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._busy():
+                while not self._stopping and not self._inbox and not len(self.scheduler):
                     self._cond.wait()
                 if self._stopping:
                     break
-                admitted = self._take_admissible()
+                arrived, self._inbox = self._inbox, []
+            for job in arrived:
+                for request in job.requests:
+                    self.scheduler.add(request)
+            self._drop_lost()
             try:
-                for job in admitted:
-                    self._admit(job)
-                self._retire_lost()
-                if self._busy():
-                    self._decode()
-            except Exception as err:  # a bug here must not strand every client: fail the running batch, go on
+                if not self._step():
+                    with self._cond:  # nothing could run (waiting for blocks or for a leader): do not spin
+                        self._cond.wait(0.005)
+            except Exception as err:  # a bug here must not strand every client: fail what runs, go on
                 log.exception("engine step failed")
-                for job in self._busy():
-                    self._end(job, Failed("error", f"engine step failed: {err}"))
+                for request in list(self.scheduler.running):
+                    self._end(request, Failed(request.owner[1], "error", f"engine step failed: {err}"))
             self._set_gauges()
         with self._cond:
-            leftover = list(self._waiting) + self._busy()
-            self._waiting.clear()
-        for job in leftover:
-            self._end(job, Failed("shutdown", "the server is shutting down"))
+            leftover = [r for job in self._inbox for r in job.requests]
+            self._inbox = []
+        for request in leftover + list(self.scheduler.waiting) + list(self.scheduler.running):
+            self._end(request, Failed(request.owner[1], "shutdown", "the server is shutting down"))
         self._set_gauges()
 
-    def _busy(self) -> list[Job]:
-        return [job for job in self._rows if job is not None]
-
-    def _take_admissible(self) -> list[Job]:
-        """Pop waiting jobs for the free rows (called under the lock); drop the cancelled and expired ones."""
-        now, free, taken, keep = time.perf_counter(), self._rows.count(None), [], collections.deque()
-        for job in self._waiting:
-            if job.cancelled or job.expired(now):
-                taken.append(job)  # _admit ends it without touching the model
-            elif free:
-                free -= 1
-                taken.append(job)
-            else:
-                keep.append(job)
-        self._waiting = keep
-        self.metrics.queue_depth.set(len(keep))
-        return taken
-
-    def _admit(self, job: Job) -> None:
-        """Prefill the job's prompt into the lowest free row and sample its first token."""
-        if job.cancelled:
-            return self._end(job, Failed("cancelled", "the client disconnected"))
-        if job.expired(time.perf_counter()):
-            return self._end(job, Failed("timeout", "the request timed out waiting for a free batch row"))
-        b = self._rows.index(None)
-        self._rows[b], job.row, job.position = job, b, len(job.prompt_ids)
-        self.cache.clear(b)
+    def _step(self) -> bool:
+        """Schedule, run, advance, and hand every sampled token to its request; False if nothing was scheduled."""
+        step = self.scheduler.schedule()
+        for request in step.admitted:
+            self.metrics.prompt_tokens.inc(amount=len(request.state.prompt_ids))
+            self.metrics.prefix_cache_queries.inc(amount=len(request.state.prompt_ids))
+            self.metrics.prefix_cache_hits.inc(amount=request.cached_tokens)
+        self.metrics.preemptions.inc(amount=len(step.preempted))
+        if not step.scheduled:
+            return False
         try:
-            ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
-            logits = prefill(self.model, self.cache.row(b), ids)  # (1, V)
-            token = int(sample(logits, job.params, job.generator, job.seen))
-        except Exception as err:  # a failing forward (e.g. out of memory) ends this request, not the server
-            log.exception("prefill failed")
-            return self._end(job, Failed("error", f"prefill failed: {err}"))
-        self.metrics.prompt_tokens.inc(amount=len(job.prompt_ids))
-        self._accept_or_fail(job, token)
+            sampled = self.runner.run(step)
+        except Exception as err:  # a failing forward (e.g. out of memory) ends this step's requests, not the server
+            log.exception("forward failed")
+            for s in step.scheduled:
+                self._end(s.request, Failed(s.request.owner[1], "error", f"forward failed: {err}"))
+            return True
+        self.scheduler.advance(step)
+        self.metrics.scheduled_tokens.observe(step.tokens)
+        decoding = sum(1 for s in step.scheduled if s.count == 1 and s.samples)
+        if decoding:
+            self.metrics.decode_batch_size.observe(decoding)
+        for request, token, logprob in sampled:
+            try:
+                self._accept(request, token, logprob)
+            except Exception as err:  # e.g. a sampled id past the tokenizer's vocabulary (a padded lm_head)
+                log.exception("handling a sampled token failed")
+                self._end(request, Failed(request.owner[1], "error", f"cannot decode token {token}: {err}"))
+        return True
 
-    def _retire_lost(self) -> None:
-        """Free the rows of requests whose client left or whose deadline passed."""
+    def _drop_lost(self) -> None:
+        """End the requests whose client left or whose deadline passed, wherever they are."""
         now = time.perf_counter()
-        for job in self._busy():
+        for request in list(self.scheduler.waiting) + list(self.scheduler.running):
+            job, choice = request.owner
             if job.cancelled:
-                self._end(job, Failed("cancelled", "the client disconnected"))
+                self._end(request, Failed(choice, "cancelled", "the client disconnected"))
             elif job.expired(now):
-                self._end(job, Failed("timeout", f"the request timed out after {job.completion_tokens} tokens"))
+                done = len(request.state.output_ids)
+                self._end(request, Failed(choice, "timeout", f"the request timed out after {done} tokens"))
 
-    def _decode(self) -> None:
-        """One batched decode step over rows 0..hi-1; each busy row samples its next token."""
-        busy = [b for b, job in enumerate(self._rows) if job is not None]
-        hi = busy[-1] + 1
-        tokens, positions = [0] * hi, [0] * hi  # free rows: token 0 at position 0, in their own row
-        for b in busy:
-            tokens[b], positions[b] = self._rows[b].last_token, self._rows[b].position
-        try:
-            logits = decode_step(
-                self.model,
-                self.cache.rows(0, hi),
-                torch.tensor(tokens, dtype=torch.long, device=self.device),  # (hi,)
-                torch.tensor(positions, dtype=torch.long, device=self.device),  # (hi,)
-            )  # (hi, V)
-            sampled = torch.cat([
-                sample(logits[b : b + 1], job.params, job.generator, job.seen)
-                for b, job in ((b, self._rows[b]) for b in busy)
-            ]).tolist()  # one device sync per step
-        except Exception as err:
-            log.exception("decode step failed")
-            for b in busy:
-                self._end(self._rows[b], Failed("error", f"decode failed: {err}"))
-            return
-        self.metrics.decode_batch_size.observe(len(busy))
-        for b, token in zip(busy, sampled):
-            job = self._rows[b]
-            job.position += 1
-            self._accept_or_fail(job, token)
-
-    def _accept_or_fail(self, job: Job, token: int) -> None:
-        try:
-            self._accept(job, token)
-        except Exception as err:  # e.g. a sampled id past the tokenizer's vocabulary (a padded lm_head)
-            log.exception("handling a sampled token failed")
-            self._end(job, Failed("error", f"cannot decode token {token}: {err}"))
-
-    def _accept(self, job: Job, token: int) -> None:
-        """Record one sampled token: stream its text, and end the job at EOS, a stop string or max_tokens."""
+    def _accept(self, request: Request, token: int, logprob: TokenLogprob | None) -> None:
+        """One sampled token: stream its text, and end the request at EOS, a stop string or max_tokens."""
+        job, choice = request.owner
+        state = request.state
         now = time.perf_counter()
-        if job.last_token_at is None:
-            self.metrics.time_to_first_token.observe(now - job.arrived)
+        if request.last_token_at is None:
+            self.metrics.time_to_first_token.observe(now - request.arrived)
         else:
-            self.metrics.time_per_token.observe(now - job.last_token_at)
-        job.last_token_at, job.last_token = now, token
-        if token == job.eos_id:
-            self._send(job, self._flush(job))
-            return self._end(job, Finished("stop", len(job.prompt_ids), job.completion_tokens))
-        job.completion_tokens += 1
-        self.metrics.generation_tokens.inc()
-        if job.seen is not None:
-            job.seen[0, token] = True
-        text, stopped = job.matcher.push(job.decoder.push(token))
-        if stopped:
-            self._send(job, text)
-            return self._end(job, Finished("stop", len(job.prompt_ids), job.completion_tokens))
-        if job.completion_tokens >= job.max_tokens:
-            self._send(job, text + self._flush(job))
-            return self._end(job, Finished("length", len(job.prompt_ids), job.completion_tokens))
-        self._send(job, text)
-
-    @staticmethod
-    def _flush(job: Job) -> str:
-        """Text still held by the decoder (an unfinished character) and the stop matcher, at the end."""
-        text, stopped = job.matcher.push(job.decoder.flush())
-        return text if stopped else text + job.matcher.flush()
+            self.metrics.time_per_token.observe(now - request.last_token_at)
+        request.last_token_at = now
+        text = state.accept(token, logprob)
+        kept = token not in state.stop_ids
+        if kept:
+            self.metrics.generation_tokens.inc()
+        if text or (kept and state.logprobs is not None):
+            self._send(job, Delta(choice, text, logprob if kept and state.logprobs is not None else None))
+        if state.finished:
+            self._end(request, Finished(choice, state.finish_reason, len(state.prompt_ids), len(state.output_ids),
+                                        request.cached_tokens or 0))
 
     def _send(self, job: Job, event: Event) -> None:
-        if event == "":
-            return
         try:
             job.deliver(event)
         except Exception:  # noqa: BLE001 - whatever `deliver` raised, the client's loop is gone: nobody listens
             job.cancel()
 
-    def _end(self, job: Job, event: Finished | Failed) -> None:
-        """Free the job's row and deliver its last event."""
-        if job.row is not None and self._rows[job.row] is job:
-            self._rows[job.row] = None
-            self.cache.clear(job.row)
+    def _end(self, request: Request, event: Finished | Failed) -> None:
+        """Free the request's blocks and deliver its last event."""
+        self.scheduler.finish(request)
         self.metrics.finished.inc(event.reason)
         with self._cond:
             self._in_flight -= 1
-        self._send(job, event)
+        self._send(request.owner[0], event)
 
     def _set_gauges(self) -> None:
-        with self._cond:
-            self.metrics.queue_depth.set(len(self._waiting))
-        self.metrics.running.set(len(self._busy()))
+        m = self.metrics
+        m.queue_depth.set(len(self.scheduler.waiting))
+        m.running.set(len(self.scheduler.running))
+        m.kv_blocks_used.set(self.blocks.n_used)
+        m.kv_blocks_free.set(self.blocks.n_free)
+        queries = m.prefix_cache_queries.value()
+        m.prefix_cache_hit_rate.set(m.prefix_cache_hits.value() / queries if queries else 0.0)

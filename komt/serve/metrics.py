@@ -116,6 +116,7 @@ class Histogram:
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class ServerMetrics:
@@ -128,20 +129,32 @@ class ServerMetrics:
                                 "timeout, error).", ("reason",))
         self.prompt_tokens = Counter("komt_prompt_tokens", "Prompt tokens prefilled.")
         self.generation_tokens = Counter("komt_generation_tokens", "Tokens generated.")
-        self.queue_depth = Gauge("komt_queue_depth", "Requests waiting for a free batch row.")
+        self.queue_depth = Gauge("komt_queue_depth", "Requests waiting to be scheduled.")
         self.running = Gauge("komt_running_requests", "Requests decoding in the running batch.")
         self.time_to_first_token = Histogram("komt_time_to_first_token_seconds",
                                              "From request arrival to its first generated token.", LATENCY_BUCKETS)
         self.time_per_token = Histogram("komt_time_per_output_token_seconds",
                                         "Between consecutive generated tokens of one request.", LATENCY_BUCKETS)
         self.decode_batch_size = Histogram("komt_decode_batch_size",
-                                           "Requests sharing each batched decode step.", BATCH_BUCKETS)
+                                           "Requests sampling a token in each step that decodes.", BATCH_BUCKETS)
+        self.scheduled_tokens = Histogram("komt_scheduled_tokens", "Tokens (prefill chunks + decode tokens) "
+                                          "in each step's forward.", TOKEN_BUCKETS)
+        self.preemptions = Counter("komt_preemptions", "Requests taken off the batch for lack of KV blocks "
+                                   "(recomputed later).")
+        self.kv_blocks_used = Gauge("komt_kv_blocks_used", "KV-cache blocks held by requests.")
+        self.kv_blocks_free = Gauge("komt_kv_blocks_free", "KV-cache blocks free (some hold reusable prefixes).")
+        self.prefix_cache_queries = Counter("komt_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                            "cache (each request's first admission).")
+        self.prefix_cache_hits = Counter("komt_prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.prefix_cache_hit_rate = Gauge("komt_prefix_cache_hit_rate", "Prefix-cache hits over queries, in tokens.")
 
     def render(self) -> str:
         """The whole exposition: HELP and TYPE lines, then the samples of each metric."""
         out = []
         for metric in (self.requests, self.finished, self.prompt_tokens, self.generation_tokens, self.queue_depth,
-                       self.running, self.time_to_first_token, self.time_per_token, self.decode_batch_size):
+                       self.running, self.time_to_first_token, self.time_per_token, self.decode_batch_size,
+                       self.scheduled_tokens, self.preemptions, self.kv_blocks_used, self.kv_blocks_free,
+                       self.prefix_cache_queries, self.prefix_cache_hits, self.prefix_cache_hit_rate):
             name = metric.name + ("_total" if metric.kind == "counter" else "")
             out.append(f"# HELP {name} {metric.help}")
             out.append(f"# TYPE {name} {metric.kind}")

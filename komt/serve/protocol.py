@@ -1,28 +1,39 @@
-"""The OpenAI wire format: validate request bodies into a `GenerationSpec`, build response and chunk bodies.
+"""The OpenAI wire format, requests: validate request bodies into a `GenerationSpec` (responses: komt.serve.responses).
 
 Validation happens here, once, at the edge: every bad field becomes an `APIError` whose body is OpenAI's
 `{"error": {"message", "type", "param", "code"}}` and whose message names the field and the value. The
 engine then trusts what it gets.
 
-Defaults are OpenAI's (temperature 1, top_p 1, max_tokens: the rest of the context). Two fields beyond
-OpenAI's, as vLLM accepts them: `top_k` and `repetition_penalty` (the model card's sampler).
+Defaults are OpenAI's (temperature 1, top_p 1, max_tokens: the rest of the context). Fields beyond
+OpenAI's, as vLLM accepts them: `top_k` and `repetition_penalty` (the model card's sampler), and
+`cache_salt` (requests with different salts never share prefix-cache blocks).
+
+`n` choices are seeded seed, seed + 1, ... (mod 2^64), so choice i is reproducible alone: the same request
+with n = 1 and seed + i gives it. Log-probabilities (`logprobs`/`top_logprobs` in chat, `logprobs: k` in
+completions) are the model's raw ones, before penalty, temperature and filters: what rescoring the
+answer with a full forward gives. Error messages are capped at MAX_MESSAGE characters (a bad 1.5 MB
+message is not echoed back whole).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
-import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from komt.errors import GenerationError, KomtError
+from komt.generate.context_length import check_context_length
 from komt.generate.prompt import prompt_format
-from komt.generate.sampling import SamplingParams
+from komt.generate.sampling import PENALTY_RANGE, SamplingParams
 from komt.generate.tokenizer import Tokenizer
+from komt.jsonutil import is_int
 
 MAX_STOP_STRINGS = 16
+MAX_N = 16  # choices per request
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
+MAX_MESSAGE = 500  # characters of an error message
 
 
 class APIError(KomtError):
@@ -30,6 +41,8 @@ class APIError(KomtError):
 
     def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None) -> None:
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 20] + f"... ({len(message)} characters)"
         super().__init__(message)
         self.status, self.type, self.param, self.code = status, type, param, code
 
@@ -48,16 +61,31 @@ class GenerationSpec:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with usage and no choices
+    n: int = 1
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
+    cache_salt: str | None = None
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 saying why not."""
+    """The request body as a JSON object, or a 400 saying why not.
+
+    The standard parser, not komt.jsonutil's strict one: a `NaN` must reach the field's own check, so that
+    the 400 names the field (`param`) as OpenAI's does."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise APIError(f"the request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise APIError("the request body nests JSON too deeply") from None
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:  # "\ud800" parses to a lone surrogate, which no tokenizer can encode: refuse it here, once
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(f"the request body holds a lone UTF-16 surrogate ({err.object[err.start:err.end]!r}); "
+                       "send valid Unicode text") from None
+    except RecursionError:
+        raise APIError("the request body nests JSON too deeply") from None
     return body
 
 
@@ -72,27 +100,37 @@ def parse_chat_request(body: dict[str, Any], tokenizer: Tokenizer, *, context: i
         prompt_ids = prompt_format(tokenizer).chat([_message(m, i) for i, m in enumerate(messages)])
     except GenerationError as err:
         raise APIError(str(err), param="messages") from None
-    return _spec(body, prompt_ids, context, prompt_param="messages")
+    logprobs = None
+    if _boolean(body, "logprobs", False):
+        logprobs = _integer(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS)
+    elif body.get("top_logprobs") is not None:
+        raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return _spec(body, prompt_ids, context, prompt_param="messages", logprobs=logprobs)
 
 
 def parse_completion_request(body: dict[str, Any], tokenizer: Tokenizer, *, context: int,
                              model_name: str) -> GenerationSpec:
     """POST /v1/completions: a raw prompt (text, one-element list of text, or token ids), BOS per the tokenizer."""
     _check_model(body, model_name)
-    for field in ("echo", "suffix", "best_of"):
-        if body.get(field) not in (None, False, 1):
-            raise APIError(f"'{field}' is not supported by this server", param=field)
+    if _boolean(body, "echo", False):
+        raise APIError("'echo' is not supported by this server", param="echo")
+    if body.get("suffix") is not None:
+        raise APIError("'suffix' is not supported by this server", param="suffix")
+    best_of = _integer(body, "best_of", None, lo=1)
+    if best_of is not None and best_of != _integer(body, "n", 1, lo=1):
+        raise APIError(f"'best_of' must equal 'n' (every choice is returned), got {best_of}", param="best_of")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
         prompt_ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(_is_int(i) and 0 <= i < tokenizer.vocab_size for i in prompt):
+    elif isinstance(prompt, list) and prompt and all(is_int(i) and 0 <= i < tokenizer.vocab_size for i in prompt):
         prompt_ids = list(prompt)
     else:
         raise APIError(f"'prompt' must be a non-empty string or a list of token ids below {tokenizer.vocab_size} "
                        f"(one prompt per request), got {_show(prompt)}", param="prompt")
-    return _spec(body, prompt_ids, context, prompt_param="prompt")
+    logprobs = _integer(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    return _spec(body, prompt_ids, context, prompt_param="prompt", logprobs=logprobs)
 
 
 def _check_model(body: dict[str, Any], model_name: str) -> None:
@@ -115,33 +153,29 @@ def _message(message: Any, i: int) -> Any:
     return {"role": role, "content": content}
 
 
-def _spec(body: dict[str, Any], prompt_ids: list[int], context: int, prompt_param: str) -> GenerationSpec:
-    """The fields both endpoints share: sampling, length, stop strings, streaming."""
-    if body.get("n") not in (None, 1):
-        raise APIError(f"'n' must be 1 (one choice per request), got {_show(body.get('n'))}", param="n")
-    if body.get("logprobs") not in (None, False, 0):
-        raise APIError("'logprobs' is not supported by this server", param="logprobs")
+def _spec(body: dict[str, Any], prompt_ids: list[int], context: int, prompt_param: str,
+          logprobs: int | None) -> GenerationSpec:
+    """The fields both endpoints share: sampling, length, stop strings, streaming, choices."""
+    n = _integer(body, "n", 1, lo=1, hi=MAX_N)
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise APIError(f"'cache_salt' must be a non-empty string, got {_show(salt)}", param="cache_salt")
     for field in ("frequency_penalty", "presence_penalty"):
         if body.get(field) not in (None, 0):
             raise APIError(f"'{field}' is not supported; use 'repetition_penalty' (> 1 discourages repeats)",
                            param=field)
-    if len(prompt_ids) >= context:
-        raise APIError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context} tokens",
-                       param=prompt_param, code="context_length_exceeded")
-    room = context - len(prompt_ids)
+    check_context_length(len(prompt_ids), 0, context,
+                         error=partial(APIError, param=prompt_param, code="context_length_exceeded"))
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, field, room, lo=1)
-    if max_tokens > room:
-        raise APIError(f"'{field}' is {max_tokens} but the prompt's {len(prompt_ids)} tokens leave room for {room} "
-                       f"in the model's context of {context} tokens", param=field, code="context_length_exceeded")
+    max_tokens = _integer(body, field, context - len(prompt_ids), lo=1)  # default: the rest of the context
+    check_context_length(len(prompt_ids), max_tokens, context, limit=f"'{field}'",
+                         error=partial(APIError, param=field, code="context_length_exceeded"))
     temperature = _number(body, "temperature", 1.0, lo=0.0, hi=2.0)
     top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0)
     if top_p == 0:
         raise APIError("'top_p' must be in (0, 1], got 0", param="top_p")
     top_k = _integer(body, "top_k", 0, lo=0)  # vLLM's extension; 0 = off (vLLM's -1 also means off)
-    repetition_penalty = _number(body, "repetition_penalty", 1.0, lo=0.0)
-    if repetition_penalty == 0:
-        raise APIError("'repetition_penalty' must be > 0, got 0", param="repetition_penalty")
+    repetition_penalty = _number(body, "repetition_penalty", 1.0, *PENALTY_RANGE)  # 1e-300 would make NaNs
     stream = _boolean(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -154,11 +188,10 @@ def _spec(body: dict[str, Any], prompt_ids: list[int], context: int, prompt_para
         stop=_stop(body.get("stop")),
         stream=stream,
         include_usage=stream and _boolean(options or {}, "include_usage", False),
+        n=n,
+        logprobs=logprobs,
+        cache_salt=salt,
     )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _show(value: Any) -> str:
@@ -177,16 +210,19 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float | None = 
     return float(value)
 
 
-def _integer(body: dict[str, Any], name: str, default: int | None, lo: int | None = None) -> int | None:
+def _integer(body: dict[str, Any], name: str, default: int | None, lo: int | None = None,
+             hi: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not _is_int(value):
+    if not is_int(value):  # true is not 1
         raise APIError(f"'{name}' must be an integer, got {_show(value)}", param=name)
     if lo is not None and value < lo:
         raise APIError(f"'{name}' must be >= {lo}, got {value}", param=name)
+    if hi is not None and value > hi:
+        raise APIError(f"'{name}' must be <= {hi}, got {value}", param=name)
     return value
 
 
@@ -215,74 +251,6 @@ def _stop(value: Any) -> tuple[str, ...]:
         raise APIError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty "
                        f"strings, got {_show(value)}", param="stop")
     return tuple(stops)
-
-
-# ---- responses -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What every body of one response shares: its id, creation time, model name, and chat or completion."""
-
-    chat: bool
-    model: str
-    id: str
-    created: int
-
-    @classmethod
-    def new(cls, chat: bool, model: str) -> Reply:
-        prefix = "chatcmpl" if chat else "cmpl"
-        return cls(chat, model, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
-
-    def _envelope(self, object_: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": object_, "created": self.created, "model": self.model, "choices": choices}
-
-    def full(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        """The non-streamed response."""
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        body = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
-        body["usage"] = usage(prompt_tokens, completion_tokens)
-        return body
-
-    def chunk(self, text: str | None, finish_reason: str | None = None, *, first: bool = False,
-              usage_: dict[str, int] | None = None) -> dict[str, Any]:
-        """One streamed chunk; the first chat chunk carries the role, the last the finish reason and usage."""
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else {}
-            if text and not first:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
-        if usage_ is not None:
-            body["usage"] = usage_
-        return body
-
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        """OpenAI's `stream_options.include_usage` chunk: no choices, only usage."""
-        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
-        body["usage"] = usage(prompt_tokens, completion_tokens)
-        return body
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def models_list(model_name: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "komt"}]}
-
-
-def sse(data: dict[str, Any] | str) -> bytes:
-    """One server-sent event: `data: <json>` and a blank line (UTF-8; Korean stays readable, not \\u-escaped)."""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {payload}\n\n".encode()
 
 
 def failure_error(reason: str, message: str) -> APIError:

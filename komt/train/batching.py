@@ -66,6 +66,22 @@ def micro_batches(global_batch: list[int], batch_size: int, grad_accum: int, ran
     return [global_batch[(a * world_size + rank) * batch_size:][:batch_size] for a in range(grad_accum)]
 
 
+def length_chunks(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices sorted by length and cut into chunks of `batch_size` (scoring and evaluation: little padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def shard_chunks(n_chunks: int, rank: int, world_size: int) -> list[int | None]:
+    """This process's chunks, dealt round-robin, padded with None so every process gets as many.
+
+    A sharded (FSDP) model gathers its weights collectively in every forward, so all processes must run
+    the same number of forwards; a process that runs out repeats a chunk and discards the result.
+    """
+    rounds = -(-n_chunks // world_size)
+    return [k if k < n_chunks else None for k in range(rank, rounds * world_size, world_size)]
+
+
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest example: (input_ids [B, T], labels [B, T]), labels IGNORE_INDEX on padding.
 

@@ -18,13 +18,12 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from komt.atomic import current_umask
+from komt.atomic import new_temp_folder, publish_folder
 from komt.errors import CheckpointError
 from komt.model.lora import PEFT_PREFIX, LoRAConfig, lora_state_dict, read_adapter_weights, save_adapter
 
@@ -51,23 +50,46 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 def save_checkpoint(output: Path, step: int, model: torch.nn.Module, lora_config: LoRAConfig,
                     base_model: str, trainer_state: dict[str, Any]) -> Path:
     """Write `output/checkpoint-<step>` atomically (temp folder + rename) and return its path."""
-    final = output / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=output, prefix=f".checkpoint-{step}.", suffix=".tmp"))
+    tmp = new_checkpoint_folder(output, step)
     try:
         save_adapter(model, tmp, lora_config, base_model)
-        with open(tmp / TRAINER_STATE, "wb") as f:
-            torch.save(trainer_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
-        if final.exists():  # left by a run that got past this step before it was killed
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(output)
+        return publish_checkpoint(tmp, output, step, trainer_state)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+
+
+def new_checkpoint_folder(output: Path, step: int | str) -> Path:
+    """A fresh hidden temp folder in `output` to build checkpoint-<step> in (`.checkpoint-<step>.*.tmp`)."""
+    return new_temp_folder(output / f"checkpoint-{step}")
+
+
+def publish_checkpoint(tmp: Path, output: Path, step: int, trainer_state: dict[str, Any]) -> Path:
+    """Add trainer_state.pt to the finished temp folder and rename it to checkpoint-<step> (the commit point)."""
+    final = output / f"checkpoint-{step}"
+    with open(tmp / TRAINER_STATE, "wb") as f:
+        torch.save(trainer_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # left by a run that got past this step before it was killed
+        shutil.rmtree(final)
+    return publish_folder(tmp, final)
+
+
+def prune_checkpoints(output: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (0 keeps all); returns the deleted folders.
+
+    Each is first renamed to a hidden temp name, so a kill mid-delete leaves a folder that
+    `remove_partial_checkpoints` clears, never a half-deleted `checkpoint-N` that looks resumable.
+    """
+    if keep <= 0:
+        return []
+    doomed = [path for _, path in list_checkpoints(output)[:-keep]]
+    for path in doomed:
+        trash = output / f".{path.name}.deleting.tmp"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
 
 
 def remove_partial_checkpoints(output: Path) -> None:
@@ -112,10 +134,3 @@ def restore_lora(model: torch.nn.Module, folder: Path) -> None:
                                       f"expected {tuple(param.shape)}")
             param.copy_(saved[name])
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -16,7 +16,6 @@ nothing and is dropped (and counted). Any malformed record is a `DataError` nami
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from typing import Any
 from komt.errors import DataError
 from komt.generate.prompt import IGNORE_INDEX, PromptFormat, prompt_format
 from komt.generate.tokenizer import Tokenizer
+from komt.jsonutil import parse_json_list
+from komt.train.jsonl import jsonl_records
 
 
 @dataclass(frozen=True)
@@ -59,49 +60,13 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
-    records = _read_json_list(text, path) if text.lstrip().startswith("[") else _read_jsonl(text, path)
+    if text.lstrip().startswith("["):
+        records = parse_json_list(text, str(path), DataError)
+    else:
+        records = list(jsonl_records(text.splitlines(), path))
     if not records:
         raise DataError(f"{path}: no records (expected a JSON list or JSON lines of training examples)")
     return records
-
-
-def _read_jsonl(text: str, path: Path) -> list[tuple[int, Any]]:
-    records = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((line_no, json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from None
-    return records
-
-
-def _read_json_list(text: str, path: Path) -> list[tuple[int, Any]]:
-    """Parse `[record, record, ...]` one element at a time, so each record keeps the line it starts on."""
-    decoder = json.JSONDecoder()
-    records, pos = [], _skip_space(text, text.index("[") + 1)
-    while pos < len(text) and text[pos] != "]":
-        line_no = text.count("\n", 0, pos) + 1
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-        records.append((line_no, record))
-        pos = _skip_space(text, pos)
-        if pos < len(text) and text[pos] == ",":
-            pos = _skip_space(text, pos + 1)
-        elif pos < len(text) and text[pos] != "]":
-            raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: invalid JSON (expected ',' or ']')")
-    if pos >= len(text) or text[pos + 1:].strip():
-        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: invalid JSON (the list is not closed properly)")
-    return records
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
 
 
 def instruction_text(record: dict) -> str:

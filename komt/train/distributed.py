@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from komt.errors import ConfigError
+from komt.model.device import requested_device
 
 
 @dataclass(frozen=True)
@@ -35,18 +35,11 @@ class DistContext:
 
 
 def choose_device(requested: str | None, local_rank: int = 0) -> torch.device:
-    """`requested`, else CUDA when available, else the CPU; under torchrun each process gets cuda:LOCAL_RANK."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ConfigError(f"--device {requested!r} is not a device (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
+    """`requested` (checked: komt.model.device), else CUDA when available, else the CPU; under torchrun each
+    process gets cuda:LOCAL_RANK."""
+    device = requested_device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     return device
 
 

@@ -63,8 +63,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from komt.argtypes import positive_int
 from komt.errors import KomtError
-from komt.train.task_inputs import TaskSpec, convert, parse_task_spec, read_records
+from komt.train.task_inputs import TaskSpec, convert, parse_task_spec, read_task_records
 
 SHUFFLE_FANOUT = 16
 
@@ -105,7 +106,7 @@ def emit_task(spec: TaskSpec, rng: random.Random, seen: set[int], write) -> Task
     """Convert, deduplicate, sample and render one task; `write(line)` receives each output line."""
     stats = TaskStats(spec.text)
     whole, fraction = int(spec.weight), spec.weight - int(spec.weight)
-    for where, record in read_records(spec):
+    for where, record in read_task_records(spec):
         stats.read += 1
         example = convert(spec, where, record)
         if example is None:
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="an input dataset (repeatable); see below")
     parser.add_argument("--output", required=True, help="the mixed JSONL to write (atomically)")
     parser.add_argument("--seed", type=int, default=0, help="seed of templates, sampling and shuffle (default 0)")
-    parser.add_argument("--shuffle-mb", type=int, default=256,
+    parser.add_argument("--shuffle-mb", type=positive_int, default=256,
                         help="memory for the external shuffle, in MB (default 256)")
     args = parser.parse_args(argv)
     try:

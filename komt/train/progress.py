@@ -15,48 +15,45 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from komt.atomic import write_text_atomic
+from komt.progress import StatusLine, bar
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
+def say(log: TextIO | None, text: str) -> None:
+    """One `komt.train: ...` line on the run's log (rank 0's stderr; None elsewhere)."""
+    if log is not None:
+        print(f"komt.train: {text}", file=log, flush=True)
+
+
 class ProgressBar:
-    """`step 12/100 [###-------] loss 1.234 lr 2.0e-04 1,234 tok/s eta 0:01:10` on one stderr line.
+    """`step 12/100 [###.......] loss 1.234 lr 2.0e-04 1,234 tok/s eta 0:01:10` on one stderr line.
 
     On a terminal the line is redrawn in place; in a log file (not a tty) a line is printed every ~5% of
-    the run, so logs stay short.
+    the run, so logs stay short (komt.progress).
     """
 
     def __init__(self, total: int, start: int = 0, stream: TextIO | None = None, width: int = 20) -> None:
         self.total, self.start, self.width = total, start, width
-        self.stream = stream
-        self.tty = stream is not None and stream.isatty()
+        self.line = StatusLine(stream)
         self.every = max(1, total // 20)
         self.t0 = time.perf_counter()
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        if self.stream is None:
+        if not self.line.tty and step % self.every and step != self.total:
             return
-        if not self.tty and step % self.every and step != self.total:
-            return
-        filled = self.width * step // max(1, self.total)
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(1, step - self.start) * (self.total - step)
-        line = (f"step {step}/{self.total} [{'#' * filled}{'-' * (self.width - filled)}] loss {loss:.4f} "
-                f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s eta {_clock(eta)}")
-        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
-        self.stream.flush()
+        self.line.draw(f"step {step}/{self.total} {bar(step, self.total, self.width)} loss {loss:.4f} "
+                       f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s eta {_clock(eta)}")
 
     def message(self, text: str) -> None:
         """A line of its own (an eval loss, a saved checkpoint) without breaking the bar."""
-        if self.stream is not None:
-            self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
-            self.stream.flush()
+        self.line.message(text)
 
     def close(self) -> None:
-        if self.stream is not None and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.line.close()
 
 
 def _clock(seconds: float) -> str:
@@ -82,7 +79,10 @@ class MetricsLog:
 
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
-    """The complete records of a metrics file (a line cut short by a kill is skipped)."""
+    """The complete records of a metrics file (a line cut short by a kill is skipped).
+
+    Plain `json.loads`, not komt.jsonutil's strict parser: the file is komt's own, and a diverged run's
+    loss is written (by `json.dumps`) as `NaN`, which that parser refuses."""
     records = []
     if not path.exists():
         return records

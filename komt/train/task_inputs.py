@@ -1,7 +1,7 @@
 """The multi-task builder's inputs: parsing a --task spec and reading its records as instruction fields.
 
 `parse_task_spec("cls:reviews.csv:labels=sentiment.json,weight=0.5")` validates the spec once (kind,
-format, columns, label map, templates); `read_records(spec)` streams the input's records (JSONL, CSV/TSV,
+format, columns, label map, templates); `read_task_records(spec)` streams the input's records (JSONL, CSV/TSV,
 or a SQuAD / KorQuAD JSON document) each with its "file:line" for messages; `convert` turns one record into
 the template fields of its task, or None for a record to skip. Every malformed input is a DataError naming
 the file and record. The builder itself (sampling, dedup, shuffle, output) is komt/train/multitask.py.
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from komt.errors import DataError
+from komt.jsonutil import read_json
 from komt.train import templates as tpl
 from komt.train.jsonl import read_jsonl
 
@@ -106,13 +107,13 @@ def parse_task_spec(text: str) -> TaskSpec:
 
 
 def _load_json_file(path_text: str, what: str):
+    """The strict JSON content of a label map or templates file (komt.jsonutil); errors open with `what`."""
     try:
-        with open(path_text, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
+        return read_json(path_text, DataError, line=1)
+    except OSError as e:  # not found (read_json says the rest)
         raise DataError(f"{what} {path_text}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {path_text}:{getattr(e, 'lineno', 1)}: not valid JSON ({e})") from None
+    except DataError as e:
+        raise DataError(f"{what} {e}") from None
 
 
 def _load_label_map(path_text: str) -> dict[str, str | None]:
@@ -146,7 +147,7 @@ def _load_templates(path_text: str, kind: str) -> tuple[str, ...]:
 # ---- reading: (where, record) pairs, `where` being "file:line" for messages ----
 
 
-def read_records(spec: TaskSpec) -> Iterator[tuple[str, dict]]:
+def read_task_records(spec: TaskSpec) -> Iterator[tuple[str, dict]]:
     """Stream the records of one input file."""
     if spec.format == "squad":
         return _read_squad(spec.path)
@@ -179,13 +180,7 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
 
 def _read_squad(path: Path) -> Iterator[tuple[str, dict]]:
     """SQuAD / KorQuAD 1.0: {"data": [{"paragraphs": [{"context", "qas": [{"question", "answers"}]}]}]}."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            document = json.load(f)  # one JSON document: loaded whole (see the module docstring)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
+    document = read_json(path, DataError, line=1)  # one JSON document: loaded whole (see the module docstring)
     articles = document.get("data") if isinstance(document, dict) else None
     if not isinstance(articles, list):
         raise DataError(f"{path}: not SQuAD JSON (expected a top-level \"data\" list)")

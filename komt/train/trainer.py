@@ -1,60 +1,71 @@
-"""The LoRA training loop: frozen base model, trainable LoRA, AdamW with warm-up + cosine, resumable.
+"""The training loop shared by SFT and DPO, LoRA and full fine-tuning: one loop, two choices plugged in.
 
-    load tokenizer, data, base model (frozen) -> inject LoRA (fp32) -> [DDP]
+    objective  what is learned: the data, one micro-batch's loss, the metrics
+               komt.train.sft.SFTObjective (next-token loss) | komt.train.dpo.DPOObjective (preferences)
+    weights    what trains and how it is stored and spread over processes
+               komt.train.lora_weights.LoRAWeights (frozen base + LoRA, DDP, PEFT adapters)
+               komt.train.full.FullWeights (every weight, FSDP2, DCP checkpoints, an HF checkpoint folder)
+
+    check --output -> tokenizer, data (objective) -> model (weights) -> AdamW, warm-up + cosine -> [resume]
+    -> objective.prepare (DPO: the reference log-probs, once)
     for each optimizer step s:
-        global batch of step s -> this process's micro-batches -> forward/backward each (loss summed over
-        label tokens / all label tokens of the global batch) -> all-reduce grads -> clip -> AdamW -> lr
-        metrics.jsonl, progress bar; every --save-every steps an atomic checkpoint; eval loss if asked
-    -> output/adapter_config.json + adapter_model.safetensors (a PEFT LoRA adapter) + loss_curve.png
+        global batch of step s -> this process's micro-batches -> each one's loss sum / the global batch's
+        denominator (label tokens, or pairs) -> backward -> gradients averaged across processes -> clip
+        -> AdamW -> lr; metrics.jsonl, progress bar; every --save-every steps an atomic checkpoint (the
+        newest --save-total-limit kept); an eval every --eval-every steps if asked
+    -> the final weights in --output
 
 Reproducibility: the LoRA init comes from `seed`, the batches from (seed, epoch, step), dropout from a
 per-process generator whose state goes into every checkpoint. So a run killed and resumed ends with the
-adapter an uninterrupted run produces, and N processes with the same global batch train like one.
+weights an uninterrupted run produces, and N processes with the same global batch train like one.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import torch
 
-from komt.errors import ConfigError, DataError, KomtError
-from komt.generate.prompt import prompt_format
-from komt.generate.tokenizer import Tokenizer, load_tokenizer
-from komt.generate.vocab import check_tokenizer_fits
+from komt.atomic import write_json_atomic
+from komt.errors import ConfigError, KomtError
+from komt.generate.tokenizer import load_tokenizer
 from komt.model.hub import resolve_model_path
-from komt.model.load import load_model
-from komt.atomic import write_text_atomic
-from komt.model.lora import ADAPTER_WEIGHTS, count_parameters, inject_lora, save_adapter
 from komt.train import distributed
-from komt.train.batching import collate, count_targets, epoch_batches, micro_batches, split_eval, steps_per_epoch
-from komt.train.checkpoint import (list_checkpoints, load_trainer_state, remove_partial_checkpoints, restore_lora,
-                                   rng_state, save_checkpoint, set_rng_state)
-from komt.train.config import TrainConfig
-from komt.train.data import Dataset, Example, load_dataset
-from komt.train.loss import token_loss_sum
-from komt.train.progress import LOSS_CURVE_FILE, METRICS_FILE, MetricsLog, ProgressBar, plot_loss_curve
+from komt.train.batching import epoch_batches, length_chunks, micro_batches, shard_chunks, steps_per_epoch
+from komt.train.checkpoint import (load_trainer_state, prune_checkpoints, remove_partial_checkpoints, rng_state,
+                                   set_rng_state)
+from komt.train.config import DPOConfig, TrainConfig
+from komt.train.progress import LOSS_CURVE_FILE, METRICS_FILE, MetricsLog, ProgressBar, plot_loss_curve, say
+from komt.train.run_folder import TRAIN_CONFIG, inspect_output
 from komt.train.schedule import cosine_with_warmup
+
+# The re-exports keep `from komt.train.trainer import autocast, ...` working for older callers.
+from komt.train.model_prep import autocast, enable_activation_checkpointing  # noqa: F401
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean next-token loss over the global batch's label tokens
+    metrics: dict[str, float]  # the objective's means over the global batch ("loss" first)
     grad_norm: float  # before clipping
     lr: float  # the rate this step used
     tokens: int  # non-padding input tokens of the global batch
 
+    @property
+    def loss(self) -> float:
+        return self.metrics["loss"]
+
 
 def train(config: TrainConfig, log: TextIO | None = sys.stderr) -> Path:
-    """Run (or resume) a training run; returns the output folder holding the final adapter."""
+    """Run (or resume) a training run; returns the output folder holding the final weights.
+
+    The objective follows the config's type (`TrainConfig`: SFT, `DPOConfig`: DPO) and `config.full`
+    picks full fine-tuning over LoRA. `--resume` of a finished run says so and returns at once.
+    """
     ctx = distributed.setup(config.device)
     try:
         return _run(config, ctx, log if ctx.is_main else None)
@@ -62,39 +73,62 @@ def train(config: TrainConfig, log: TextIO | None = sys.stderr) -> Path:
         distributed.teardown(ctx)
 
 
+def make_objective(config: TrainConfig, tokenizer, log: TextIO | None):
+    if isinstance(config, DPOConfig):
+        from komt.train.dpo import DPOObjective
+
+        return DPOObjective(config, tokenizer, log)
+    from komt.train.sft import SFTObjective
+
+    return SFTObjective.from_config(config, tokenizer, log)
+
+
+def make_weights(config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None):
+    if config.full:
+        from komt.train.full import FullWeights
+
+        return FullWeights(config, ctx, log)
+    from komt.train.lora_weights import LoRAWeights
+
+    return LoRAWeights(config, ctx, log)
+
+
 def _run(config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) -> Path:
     output = Path(config.output)
-    resume_from = _on_main(ctx, lambda: prepare_output(output, config.resume))
+    folder = _on_main(ctx, lambda: inspect_output(output, config.resume, config.to_dict()))
+    if folder.finished_steps is not None:
+        say(log, f"{output} is a finished run ({folder.finished_steps} steps, final weights saved); nothing to do")
+        return output
+    if folder.taken_over:
+        say(log, f"{output} holds a run stopped before its first checkpoint (nothing was saved): starting it over")
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(config.tokenizer or model_path)
-    dataset, train_set, eval_set = prepare_data(config, tokenizer, log)
-    base_dtype = resolve_dtype(config.dtype, ctx.device)
-    model = prepare_model(config, model_path, tokenizer.vocab_size, ctx, base_dtype, log)
-    step_model = distributed.wrap(model, ctx)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    objective = make_objective(config, tokenizer, log)
+    weights = make_weights(config, ctx, log)
+    model = weights.load(model_path, tokenizer.vocab_size)  # in training mode; sharded under FSDP
+    step_model = weights.wrap(model)
+    optimizer = torch.optim.AdamW(weights.param_groups(model), lr=config.lr, weight_decay=config.weight_decay)
 
     global_batch = config.batch_size * config.grad_accum * ctx.world_size
-    per_epoch = steps_per_epoch(len(train_set), global_batch)
+    per_epoch = steps_per_epoch(len(objective.train_set), global_batch)
     total_steps = config.max_steps or math.ceil((config.epochs or 1.0) * per_epoch)
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, total_steps)
     run = config.run_fingerprint(ctx.world_size, total_steps)
-    run["examples"] = [len(e.ids) for e in dataset.examples]  # the data as tokenized, compactly
-    _say(log, f"{total_steps} steps ({total_steps / per_epoch:.2f} epochs), global batch {global_batch} = "
-              f"{config.batch_size} x {config.grad_accum} accumulation x {ctx.world_size} process(es), "
-              f"{ctx.device} {str(base_dtype).removeprefix('torch.')}"
-              f"{' + bf16 autocast' if uses_autocast(ctx.device, base_dtype) else ''}, attention: torch SDPA")
+    run["examples"] = objective.fingerprint
+    say(log, f"{objective.name.upper()}, {weights.kind}: {total_steps} steps ({total_steps / per_epoch:.2f} epochs), "
+             f"global batch {global_batch} = {config.batch_size} x {config.grad_accum} accumulation x "
+             f"{ctx.world_size} process(es), {ctx.device} {weights.precision}, attention: torch SDPA")
 
     start, tokens_seen = 0, 0
-    if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        check_same_run(state["run"], run, resume_from)
-        restore_lora(model, resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+    if folder.resume_from is not None:
+        state = load_trainer_state(folder.resume_from)
+        check_same_run(state["run"], run, folder.resume_from)
+        weights.restore(folder.resume_from, model, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][ctx.rank], ctx.device)
+        rngs = state["rng"]  # one per process; a full run (no dropout) may resume on more processes
+        set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0], ctx.device)
         start, tokens_seen = state["step"], state["tokens_seen"]
-        _say(log, f"resuming from {resume_from} (step {start})")
+        say(log, f"resuming from {folder.resume_from} (step {start})")
     else:
         torch.manual_seed(config.seed + 1 + ctx.rank)  # dropout masks: a different stream per process
 
@@ -102,11 +136,18 @@ def _run(config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) 
     if ctx.is_main:  # the first write: every input has been read and checked by now
         output.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output)
-        write_text_atomic(output / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        metrics = MetricsLog(output / METRICS_FILE, resume_step=start if resume_from else None)
+        write_json_atomic(output / TRAIN_CONFIG, config.to_dict())
+        metrics = MetricsLog(output / METRICS_FILE, resume_step=start if folder.resume_from else None)
+    distributed.barrier(ctx)
+    forward = weights.forward_fn(step_model)
+    eval_forward = weights.forward_fn(model)  # no DDP bookkeeping for no-grad passes
+    objective.prepare(model=model, forward=eval_forward, weights=weights, ctx=ctx, output=output,
+                      resuming=folder.resume_from is not None)
+
     bar = ProgressBar(total_steps, start, log)
     eval_every = config.eval_every or config.save_every
-    lengths = [len(e.ids) for e in train_set]
+    train_set = objective.train_set
+    lengths = [objective.length(e) for e in train_set]
     batches: dict[int, list[list[int]]] = {}
     for step in range(start, total_steps):
         epoch, index = divmod(step, per_epoch)
@@ -114,166 +155,86 @@ def _run(config: TrainConfig, ctx: distributed.DistContext, log: TextIO | None) 
             batches = {epoch: epoch_batches(lengths, global_batch, config.seed, epoch)}
         batch = [train_set[i] for i in batches[epoch][index]]
         t0 = time.perf_counter()
-        result = train_step(step_model, params, batch, optimizer, scheduler, config, ctx, tokenizer.eos_id)
+        result = train_step(step_model, forward, objective, weights, batch, optimizer, scheduler, config, ctx)
         elapsed = time.perf_counter() - t0
         done = step + 1
         tokens_seen += result.tokens
-        record: dict[str, Any] = {"step": done, "epoch": round(done / per_epoch, 4), "loss": result.loss,
+        record: dict[str, Any] = {"step": done, "epoch": round(done / per_epoch, 4), **result.metrics,
                                   "lr": result.lr, "grad_norm": result.grad_norm,
                                   "tokens_per_s": result.tokens / elapsed, "tokens": tokens_seen}
-        if eval_set and (done % eval_every == 0 or done == total_steps):
-            record["eval_loss"] = evaluate(model, eval_set, config.batch_size, tokenizer.eos_id, ctx, base_dtype)
+        if objective.eval_set and (done % eval_every == 0 or done == total_steps):
+            record.update(held_out_metrics(model, eval_forward, objective, objective.eval_set, config.batch_size, ctx))
             bar.message(f"step {done}: eval loss {record['eval_loss']:.4f}")
         if metrics is not None:
             metrics.write(record)
         bar.update(done, result.loss, result.lr, record["tokens_per_s"])
         if done % config.save_every == 0 and done < total_steps:
             rngs = distributed.gather_objects(rng_state(ctx.device), ctx)
+            trainer_state = {"step": done, "data_position": {"epoch": done // per_epoch, "batch": done % per_epoch},
+                             "tokens_seen": tokens_seen, "scheduler": scheduler.state_dict(), "rng": rngs, "run": run}
+            path = weights.save_checkpoint(output, done, model, optimizer, trainer_state)
             if ctx.is_main:
-                trainer_state = {"step": done, "data_position": {"epoch": done // per_epoch,
-                                                                 "batch": done % per_epoch},
-                                 "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "rng": rngs, "run": run}
-                path = save_checkpoint(output, done, model, config.lora, config.model, trainer_state)
                 bar.message(f"saved {path}")
+                for old in prune_checkpoints(output, config.save_total_limit):
+                    bar.message(f"removed {old} (--save-total-limit {config.save_total_limit})")
             distributed.barrier(ctx)
     bar.close()
+    weights.save_final(output, model)
     if ctx.is_main:
-        save_adapter(model, output, config.lora, config.model)
         metrics.close()
         plot_loss_curve(output / METRICS_FILE, output / LOSS_CURVE_FILE, log)
-        _say(log, f"adapter saved to {output}")
+        say(log, weights.describe_output(output))
     distributed.barrier(ctx)
     return output
 
 
-def prepare_data(config: TrainConfig, tokenizer: Tokenizer, log: TextIO | None) -> tuple[Dataset, list[Example], list[Example]]:
-    """The tokenized dataset and its (train, held-out eval) split."""
-    fmt = prompt_format(tokenizer, config.prompt_format)
-    _say(log, f"prompt format: {fmt.label}")
-    dataset = load_dataset(config.data, fmt, config.max_seq_len)
-    try:
-        train_idx, eval_idx = split_eval(len(dataset.examples), config.eval_split, config.seed)
-    except ValueError as err:
-        raise DataError(f"{config.data}: {err}") from None
-    train_set = [dataset.examples[i] for i in train_idx]
-    eval_set = [dataset.examples[i] for i in eval_idx]
-    dropped = f"; {dataset.n_dropped} dropped: no target within --max-seq-len" if dataset.n_dropped else ""
-    _say(log, f"data: {dataset.n_records} records in {config.data} -> {len(train_set)} train, "
-              f"{len(eval_set)} eval examples{dropped}")
-    return dataset, train_set, eval_set
+def train_step(step_model: torch.nn.Module, forward: Callable, objective, weights, batch: list,
+               optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
+               ctx: distributed.DistContext) -> StepResult:
+    """One optimizer step on one global batch (this process does its share; DDP/FSDP average the gradients).
 
-
-def prepare_model(config: TrainConfig, model_path: Path, vocab_size: int, ctx: distributed.DistContext,
-                  base_dtype: torch.dtype, log: TextIO | None) -> torch.nn.Module:
-    """The frozen base model with fp32 LoRA layers injected, in training mode."""
-    # PyTorch's SDPA on every device: its fused backward is measured on the H100; the Triton kernels'
-    # backward is tested but not yet timed there, so the Triton kernels stay the inference path.
-    model = load_model(model_path, device=ctx.device, dtype=base_dtype, kernels="torch")
-    check_tokenizer_fits(vocab_size, model.config.vocab_size, stderr=log)
-    torch.manual_seed(config.seed)  # the LoRA init: identical in every process
-    inject_lora(model, config.lora, lora_dtype=torch.float32)
-    trainable, total = count_parameters(model)
-    _say(log, f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%), "
-              f"LoRA r {config.lora_r} alpha {config.lora_alpha:g} on {', '.join(config.lora_targets)}")
-    if config.grad_checkpointing:
-        enable_activation_checkpointing(model)
-    return model.train()
-
-
-def train_step(step_model: torch.nn.Module, params: list[torch.nn.Parameter], batch: list[Example],
-               optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig, ctx: distributed.DistContext,
-               pad_id: int) -> StepResult:
-    """One optimizer step on one global batch (this process does its share; DDP averages the gradients).
-
-    Each micro-batch's summed loss is scaled by world_size / (label tokens in the global batch): DDP
-    divides the summed gradients by world_size, so the update is that of the global token-mean loss.
+    Each micro-batch's summed loss is scaled by world_size / (the global batch's denominator): the
+    gradient reduction divides by world_size, so the update is that of the global mean loss.
     """
-    n_targets = count_targets(batch)
-    scale = ctx.world_size / n_targets
-    dtype = resolve_dtype(config.dtype, ctx.device)
-    local_loss = torch.zeros((), device=ctx.device)
+    denominator = objective.denominator(batch)
+    scale = ctx.world_size / denominator
+    stats = None
     mine = micro_batches(list(range(len(batch))), config.batch_size, config.grad_accum, ctx.rank, ctx.world_size)
     for a, indices in enumerate(mine):
-        input_ids, labels = collate([batch[i] for i in indices], pad_id)
-        input_ids, labels = input_ids.to(ctx.device), labels.to(ctx.device)
-        last = a == len(mine) - 1
-        no_sync = step_model.no_sync() if hasattr(step_model, "no_sync") and not last else nullcontext()
-        with no_sync:  # gradients are all-reduced once, in the last micro-batch's backward
-            with autocast(ctx.device, dtype):
-                logits = step_model(input_ids)  # (B, T, V) fp32
-            loss = token_loss_sum(logits, labels)
+        with weights.micro_batch_sync(step_model, last=a == len(mine) - 1):
+            loss, micro_stats = objective.micro_loss(forward, [batch[i] for i in indices], ctx.device)
             (loss * scale).backward()
-        local_loss += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+        stats = micro_stats if stats is None else stats + micro_stats
+    grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(optimizer), config.max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    loss = distributed.all_reduce_sum(local_loss, ctx).item() / n_targets
-    return StepResult(loss, float(grad_norm), lr, sum(len(e.ids) for e in batch))
+    totals = distributed.all_reduce_sum(stats.double(), ctx)
+    return StepResult(objective.summarize(totals, denominator), float(grad_norm), lr, objective.tokens(batch))
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, examples: list[Example], batch_size: int, pad_id: int,
-             ctx: distributed.DistContext, dtype: torch.dtype) -> float:
-    """Mean next-token loss over the label tokens of `examples` (each process scores every world_size-th)."""
-    model.eval()
-    mine = sorted(examples[ctx.rank::ctx.world_size], key=lambda e: len(e.ids))
-    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss sum, label tokens)
-    for i in range(0, len(mine), batch_size):
-        chunk = mine[i:i + batch_size]
-        input_ids, labels = collate(chunk, pad_id)
-        with autocast(ctx.device, dtype):
-            logits = model(input_ids.to(ctx.device))
-        totals[0] += token_loss_sum(logits, labels.to(ctx.device)).double()
-        totals[1] += count_targets(chunk)
-    distributed.all_reduce_sum(totals, ctx)
-    model.train()
-    return (totals[0] / totals[1]).item()
+def held_out_metrics(model: torch.nn.Module, forward: Callable, objective, examples: list, batch_size: int,
+                     ctx: distributed.DistContext) -> dict[str, float]:
+    """The objective's metrics over held-out `examples`, as `eval_<name>` (each process scores its share).
 
-
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each decoder layer's activations during backward instead of keeping them (Chen et al. 2016).
-
-    Memory per layer drops to its input, for about one more forward of compute. Each layer's `forward` is
-    wrapped in place, so parameter names (and the adapter's key names) stay what they were.
+    Every process runs the same number of forwards (see `shard_chunks`): a sharded model needs that.
     """
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in model.model.layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Base-weight dtype: "auto" is bf16 on CUDA (trained under bf16 autocast) and fp32 on the CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-
-
-def uses_autocast(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cuda" and dtype == torch.bfloat16
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16 autocast on CUDA for a bf16 base (matmuls in bf16, LoRA master weights and the loss in fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if uses_autocast(device, dtype) else nullcontext()
-
-
-def prepare_output(output: Path, resume: bool) -> Path | None:
-    """Check the output folder against --resume; returns the checkpoint to resume from, or None."""
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {output} is a file, not a folder")
-    checkpoints = list_checkpoints(output)
-    if resume:
-        if not checkpoints:
-            raise ConfigError(f"--resume: no checkpoint in {output} (one is written every --save-every steps)")
-        return checkpoints[-1][1]
-    if checkpoints or (output / METRICS_FILE).exists() or (output / ADAPTER_WEIGHTS).exists():
-        raise ConfigError(f"--output {output} already holds a training run; pass --resume to continue it "
-                          "or choose a new folder")
-    return None
+    model.eval()
+    chunks = length_chunks([objective.length(e) for e in examples], batch_size)
+    totals, denominator = None, 0
+    for k in shard_chunks(len(chunks), ctx.rank, ctx.world_size):
+        chunk = [examples[i] for i in chunks[k if k is not None else 0]]
+        _, stats = objective.micro_loss(forward, chunk, ctx.device)
+        stats = stats.double() * (k is not None)  # a repeated chunk counts for nothing
+        totals = stats if totals is None else totals + stats
+        denominator += objective.denominator(chunk) if k is not None else 0
+    summed = torch.cat([totals, torch.tensor([float(denominator)], dtype=torch.float64, device=totals.device)])
+    distributed.all_reduce_sum(summed, ctx)
+    model.train()
+    return {f"eval_{name}": value for name, value in objective.summarize(summed[:-1], summed[-1].item()).items()}
 
 
 def check_same_run(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path) -> None:
@@ -284,6 +245,10 @@ def check_same_run(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path)
             raise ConfigError(f"--resume: {checkpoint} was trained with {what}, this run has "
                               f"{'different data' if key == 'examples' else repr(now.get(key))}; "
                               "resume with the same settings")
+
+
+def _trainable(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _on_main(ctx: distributed.DistContext, fn: Callable[[], Any]) -> Any:
@@ -298,8 +263,3 @@ def _on_main(ctx: distributed.DistContext, fn: Callable[[], Any]) -> Any:
     if result[0] == "error":
         raise result[1](result[2])
     return result[1]
-
-
-def _say(log: TextIO | None, text: str) -> None:
-    if log is not None:
-        print(f"komt.train: {text}", file=log, flush=True)

@@ -24,6 +24,7 @@ import torch
 
 from komt.atomic import atomic_file
 from komt.errors import CheckpointError
+from komt.jsonutil import is_int
 from komt.model.gguf.constants import (
     ARRAY, BOOL, FLOAT32, INT32, INT64, MAGIC, SCALAR_FORMATS, STRING, TENSOR_TYPES_BY_NAME, UINT32, UINT64,
     WRITE_VERSION,
@@ -69,7 +70,7 @@ def _default_type(value: Any, key: str, in_array: bool = False) -> ValueType:
     if isinstance(value, str):
         return STRING
     if isinstance(value, (list, tuple)):
-        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if value and all(is_int(v) for v in value):
             return (ARRAY, _default_int(list(value), in_array=True))
         return (ARRAY, _default_type(value[0], key, in_array=True) if value else INT32)
     raise CheckpointError(f"GGUF metadata {key!r}: cannot write a value of type {type(value).__name__}")
