@@ -125,3 +125,29 @@ def test_fusing_twice_changes_nothing():
     assert use_cpu_layouts(model, threads=2) == 2 * 7 + 1
     assert model.model.layers[0].self_attn.q_proj.shared_input_group is group
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+
+
+def test_each_swapped_out_layer_is_freed_before_the_next_one_is_converted(monkeypatch):
+    """The pass's peak memory: converting a quantized model (7B int4: 4.4 GB canonical, as much packed)
+    must not keep the old layers alive until it ends, which would hold both copies of every weight."""
+    import weakref
+
+    from komt.model import cpu_layouts
+    from komt.model.checkpoint import random_model
+    from komt.model.quantized_linear import QuantizeSpec
+
+    config = preset("smollm2-135m", num_hidden_layers=2, vocab_size=512)
+    model = random_model(config, torch.device("cpu"), torch.float32, quantize=QuantizeSpec("int4"))
+    real, swapped, alive_at_each_call = cpu_layouts._cpu_variant, [], []
+
+    def watching(module, threads, **options):
+        alive_at_each_call.append(sum(ref() is not None for ref in swapped))
+        new = real(module, threads, **options)
+        if new is not None:
+            swapped.append(weakref.ref(module))
+        return new
+
+    monkeypatch.setattr(cpu_layouts, "_cpu_variant", watching)
+    assert use_cpu_layouts(model, threads=2) == 2 * 7 + 1
+    assert len(swapped) == 2 * 7 + 1  # every projection and the int8 head were converted
+    assert max(alive_at_each_call) == 0

@@ -58,30 +58,31 @@ def _cpu_variant(module: nn.Module, threads: int, head: bool = False) -> nn.Modu
     return None
 
 
-def _projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every projection the pass may swap: not LoRA's own small A/B matrices."""
+def _projection_names(model: nn.Module) -> list[str]:
+    """The name of every projection the pass may swap: not LoRA's own small A/B matrices.
+
+    Names, not modules: a list holding the old layers would keep each one alive until the whole pass
+    ends, so converting a 7B int4 model would hold its canonical and its packed weights at once (twice
+    the memory at the peak). The caller fetches each layer when it reaches it and drops it once swapped.
+    """
     found = []
-    for name, module in model.named_modules():
+    for name, _ in model.named_modules():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if name else None
         if isinstance(parent, LoRALinear) and attr != "base_layer":
             continue
-        found.append((name, module))
+        found.append(name)
     return found
 
 
 def use_cpu_layouts(model: nn.Module, threads: int | None = None) -> int:
     """Apply the CPU layouts of the module docstring in place; return how many layers use one."""
     threads = threads or torch.get_num_threads()
-    if threads >= 2:  # fp32: fuse before splitting (fused members keep their column-major views)
-        for members in _shared_input_groups(model):
-            if all(_is_fp32_cpu_linear(m) and not _grouped(m) for m in members):
-                fuse_fp32(members, threads)
-    lm_head = getattr(model, "lm_head", None)
-    if lm_head is not None and _is_fp32_cpu_linear(lm_head) and lm_head.weight.is_contiguous() and threads >= 2:
-        with torch.no_grad():  # (V, C) row-major -> the same (V, C) stored column-major; .data keeps ties
-            lm_head.weight.data = lm_head.weight.data.t().contiguous().t()
-    for name, module in _projections(model):
+    if threads >= 2:
+        _fuse_fp32_groups(model, threads)
+        _store_fp32_head_transposed(model)
+    for name in _projection_names(model):  # each old layer is freed once swapped (see _projection_names)
+        module = model.get_submodule(name)
         if not _grouped(module):
             new = _cpu_variant(module, threads, head=name == "lm_head")
             if new is not None:
@@ -118,6 +119,23 @@ def return_freed_memory() -> None:
 
 
 _MALLOC_TRIM = None
+
+
+def _fuse_fp32_groups(model: nn.Module, threads: int) -> None:
+    """fp32 sibling groups are fused before splitting (fused members keep their column-major views).
+
+    (A function of its own, like the head's step below, so that no loop variable keeps an old layer
+    alive through the swapping pass.)"""
+    for members in _shared_input_groups(model):
+        if all(_is_fp32_cpu_linear(m) and not _grouped(m) for m in members):
+            fuse_fp32(members, threads)
+
+
+def _store_fp32_head_transposed(model: nn.Module) -> None:
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None and _is_fp32_cpu_linear(lm_head) and lm_head.weight.is_contiguous():
+        with torch.no_grad():  # (V, C) row-major -> the same (V, C) stored column-major; .data keeps ties
+            lm_head.weight.data = lm_head.weight.data.t().contiguous().t()
 
 
 def _grouped(module: nn.Module) -> bool:
