@@ -48,7 +48,7 @@ def main(base: str, data: str, out: str, result: str) -> None:
         tied = model.lm_head.weight is model.model.embed_tokens.weight  # still one parameter after training
         Path(result).write_text(json.dumps({"max_diff": diff, "base_diff": base_diff, "tied": tied,
                                             "files": sorted(p.name for p in Path(out).iterdir())}))
-    distributed.teardown(ctx)
+    distributed.teardown(ctx, finished=True)  # rank 0 did extra work above: the others wait for it
 
 
 if __name__ == "__main__":

@@ -57,8 +57,14 @@ def setup(requested_device: str | None) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
 
-def teardown(ctx: DistContext) -> None:
+def teardown(ctx: DistContext, finished: bool = False) -> None:
+    """Leave the process group. After a `finished` run every process first waits for the others: one that
+    tears its gloo connections down while another still does main-process-only work (writing the final
+    files) made that peer abort ("terminate called without an active exception", SIGABRT), failing a run
+    that had succeeded. After an error there is no barrier: a failed peer would never reach it."""
     if ctx.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

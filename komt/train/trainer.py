@@ -67,10 +67,13 @@ def train(config: TrainConfig, log: TextIO | None = sys.stderr) -> Path:
     picks full fine-tuning over LoRA. `--resume` of a finished run says so and returns at once.
     """
     ctx = distributed.setup(config.device)
+    finished = False
     try:
-        return _run(config, ctx, log if ctx.is_main else None)
+        output = _run(config, ctx, log if ctx.is_main else None)
+        finished = True
+        return output
     finally:
-        distributed.teardown(ctx)
+        distributed.teardown(ctx, finished)
 
 
 def make_objective(config: TrainConfig, tokenizer, log: TextIO | None):
