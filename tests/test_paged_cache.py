@@ -118,3 +118,24 @@ def test_bytes_per_token_counts_keys_and_values_of_every_layer():
     config = komt.load_model(FIXTURES / "tiny-llama").config
     assert bytes_per_token(config, torch.bfloat16) == (2 * config.num_hidden_layers * config.num_key_value_heads
                                                         * config.head_dim * 2)
+
+
+def test_packed_sequences_attend_per_segment_as_the_whole_masked_row():
+    """Three sequences packed in one row (shifted positions, as the runner packs them): one SDPA per
+    sequence over its own keys equals one SDPA over the whole row with the block-diagonal mask."""
+    from komt.model.attention import AttentionContext, attend
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [(5, 9), (1, 12), (3, 3)]  # (queries, keys) of each sequence: a chunk, a decode token, a prompt
+    stride = 100
+    q_pos = torch.cat([torch.arange(k - t, k) + r * stride for r, (t, k) in enumerate(lengths)])[None]
+    k_pos = torch.cat([torch.arange(k) + r * stride for r, (_, k) in enumerate(lengths)])[None]
+    segments, T, S = [], 0, 0
+    for t, k in lengths:
+        segments.append((T, T + t, S, S + k))
+        T, S = T + t, S + k
+    q = torch.randn(1, 4, T, 8, generator=g)
+    k, v = torch.randn(1, 2, S, 8, generator=g), torch.randn(1, 2, S, 8, generator=g)
+    whole = attend(q, k, v, AttentionContext.build(q_pos, k_pos, 6, "torch"))
+    split = attend(q, k, v, AttentionContext.build(q_pos, k_pos, 6, "torch", tuple(segments)))
+    torch.testing.assert_close(split, whole)

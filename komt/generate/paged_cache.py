@@ -87,19 +87,21 @@ class PagedBatch:
 
     def __init__(self, cache: PagedKVCache, write_slots: torch.Tensor, gather_slots: torch.Tensor,
                  key_positions: torch.Tensor, query_offsets: torch.Tensor | None = None,
-                 key_offsets: torch.Tensor | None = None, mask_window: int | None = None) -> None:
+                 key_offsets: torch.Tensor | None = None, mask_window: int | None = None,
+                 segments: tuple[tuple[int, int, int, int], ...] | None = None) -> None:
         self.cache = cache
         self.write_slots, self.gather_slots = write_slots, gather_slots
         self.key_positions = key_positions
         self.query_offsets, self.key_offsets = query_offsets, key_offsets
         self.mask_window = mask_window
+        self.segments = segments  # packed layout: each request's query and key ranges (AttentionContext)
 
     def attention_context(self, positions: torch.Tensor, window: int | None, backend: str) -> AttentionContext:
         """Positions [B, T] of this forward's queries -> the context every layer's attention masks with."""
         if self.query_offsets is None:
             return AttentionContext.build(positions, self.key_positions, window, backend)
         keys = torch.where(self.key_positions >= 0, self.key_positions + self.key_offsets, -1)  # (B, S)
-        return AttentionContext.build(positions + self.query_offsets, keys, self.mask_window, backend)
+        return AttentionContext.build(positions + self.query_offsets, keys, self.mask_window, backend, self.segments)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this forward's keys/values [B, Hkv, T, D] of `layer`; return each row's slots [B, Hkv, S, D]."""

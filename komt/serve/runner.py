@@ -126,7 +126,8 @@ class Runner:
         requests that sample, in order."""
         cache = self.cache
         ids, positions, write, gather, key_positions, query_offsets, key_offsets, sample_at = ([] for _ in range(8))
-        T = 0
+        segments = []  # (q_start, q_end, k_start, k_end) of each request in the packed row
+        T = S = 0
         for r, s in enumerate(scheduled):
             req, end = s.request, s.start + s.count
             ids.append(torch.tensor(req.tokens[s.start : end], dtype=torch.long))
@@ -137,13 +138,14 @@ class Runner:
             key_positions.append(kpos)
             query_offsets.append(torch.full((s.count,), r * self.stride))
             key_offsets.append(torch.full((len(slots),), r * self.stride))
-            T += s.count
+            segments.append((T, T + s.count, S, S + len(slots)))
+            T, S = T + s.count, S + len(slots)
             if s.samples:
                 sample_at.append(T - 1)
         to = functools.partial(torch.Tensor.to, device=self.device, non_blocking=True)
         batch = PagedBatch(cache, to(torch.cat(write))[None], to(torch.cat(gather))[None],
                            to(torch.cat(key_positions))[None], to(torch.cat(query_offsets))[None],
-                           to(torch.cat(key_offsets))[None], self.mask_window)
+                           to(torch.cat(key_offsets))[None], self.mask_window, tuple(segments))
         logits = self.model(to(torch.cat(ids))[None], positions=to(torch.cat(positions))[None], cache=batch,
                             logits_at=to(torch.tensor(sample_at, dtype=torch.long)))  # (1, n, V)
         return logits[0]
