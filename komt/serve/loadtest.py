@@ -58,7 +58,7 @@ class RequestResult:
 
     @property
     def gaps(self) -> list[float]:
-        """Seconds between consecutive text chunks."""
+        """Seconds between consecutive chunks that carry a token (its text, or its log-probability)."""
         return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
 
 
@@ -90,13 +90,15 @@ def stream_chat(url: str, body: dict, api_key: str | None = None, timeout: float
                 result.error = chunk["error"].get("message", "error event")
                 break
             now = time.perf_counter()
-            content = chunk["choices"][0].get("delta", {}).get("content") if chunk.get("choices") else None
-            if content:
+            choice = chunk["choices"][0] if chunk.get("choices") else {}
+            content = choice.get("delta", {}).get("content")
+            # a token arrives with text, or (asked for) with its log-probability while its text is held back
+            if content or (choice.get("logprobs") or {}).get("content"):
                 if result.first_token is None and on_first_token is not None:
                     on_first_token()
                 result.first_token = result.first_token or now
                 result.chunk_times.append(now)
-                result.text += content
+                result.text += content or ""
             if chunk.get("usage"):
                 usage = chunk["usage"]
                 result.completion_tokens = usage["completion_tokens"]
