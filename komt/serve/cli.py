@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests waiting beyond those; beyond: HTTP 429")
     parser.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                         help="tokens per step, prefill chunks and decode tokens together (default 2048 on CUDA, "
-                             "128 on the CPU): smaller keeps running streams smoother while long prompts arrive")
+                             "32 on the CPU): smaller keeps running streams smoother while long prompts arrive")
     parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="longest prompt + answer served (default: the model's context)")
     parser.add_argument("--kv-cache-tokens", type=positive_int, default=None, help="KV cache size in tokens")

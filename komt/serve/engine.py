@@ -46,7 +46,10 @@ log = logging.getLogger("komt.serve")
 
 # Tokens per step. Small on the CPU, where a step's prefill chunk costs about its length in compute and
 # every running stream waits for it; on a GPU a chunk of 2048 (vLLM's default) shares the weight reads.
-DEFAULT_BATCHED_TOKENS = {"cuda": 2048, "cpu": 128}
+# Measured on the 2-core VM, SmolLM2-135M, 4 streams decoding while 4 prompts of 2,000 tokens arrive
+# (docs/benchmarks.md): streams' p99 token gap 3.96x / 7.71x / 11.5x their median with 32 / 64 / 128 tokens
+# a step; the long prompts' median time to first token 21.7 / 18.6 / 14.0 s. Smooth streams win by default.
+DEFAULT_BATCHED_TOKENS = {"cuda": 2048, "cpu": 32}
 
 
 class QueueFull(KomtError):
@@ -110,7 +113,7 @@ class Engine:
     """The batching loop over one model (module docstring). `start()` it, `submit()` to it, `stop()` it.
 
     max_batch: requests running at once; max_queue: requests waiting beyond those; max_num_batched_tokens:
-    tokens per step (default 2048 on CUDA, 128 on the CPU); block_size: tokens per KV block;
+    tokens per step (default 2048 on CUDA, 32 on the CPU); block_size: tokens per KV block;
     kv_cache_tokens / kv_cache_fraction: the cache budget (komt.serve.budget); max_model_len: the longest
     prompt + answer served (default: the model's context); compile_mode: compile the decode step.
     """
