@@ -5,8 +5,8 @@ komt only (no baseline library), so any python with komt's dependencies runs it,
     PYTHONPATH=. python baselines/decode_7b_quantized.py [--configs bf16,int8,int4] [--threads 2]
 
 Random weights of the preset (what `python -m komt.generate.bench --preset komt-mistral-7b` builds): bf16 (the
-baseline: dense bf16 layers), int8 (per channel) and int4 (groups of 32), the quantized ones with bf16
-embeddings; each built straight in its final form (a layer at a time) and given the CPU layouts, as
+baseline: dense bf16 layers), int8 (per channel) and int4 (groups of 32; int4-g64 / int4-g128: of 64 / 128),
+the quantized ones with bf16 embeddings; each built straight in its final form (a layer at a time) and given the CPU layouts, as
 `komt.load_model` would. Each configuration runs in a fresh process, which reports
 - decode tok/s = (N2 - N1) / (t(N2) - t(N1)) over two greedy runs of N1 and N2 new tokens (no EOS) after the
   same random prompt, per round (the prefill and first token cancel);
@@ -29,8 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-NEEDS_GB = {"bf16": 15.5, "int8": 8.5, "int4": 6.0}  # the weights, the layout pass's transients, a margin
-TARGETS = {"int4": "decode >= 4 tok/s at peak RSS <= 5 GB", "int8": "decode >= 2.2 tok/s", "bf16": "the baseline"}
+# the weights, the layout pass's transients, a margin; int4-gN: int4 in groups of N (64, 128) instead of 32
+NEEDS_GB = {"bf16": 15.5, "int8": 8.5, "int4": 6.0, "int4-g64": 5.5, "int4-g128": 5.5}
+_INT4_TARGET = "decode >= 4 tok/s at peak RSS <= 5 GB"
+TARGETS = {"int4": _INT4_TARGET, "int4-g64": _INT4_TARGET, "int4-g128": _INT4_TARGET, "int8": "decode >= 2.2 tok/s",
+           "bf16": "the baseline"}
 
 
 def _peak_rss_gb() -> float:
@@ -50,7 +53,8 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    spec = None if args.worker == "bf16" else QuantizeSpec(args.worker)
+    method, _, group = args.worker.partition("-g")
+    spec = None if method == "bf16" else QuantizeSpec(method, int(group) if group else None)
     model = random_model(preset("komt-mistral-7b"), torch.device("cpu"), torch.bfloat16, 0, quantize=spec)
     use_cpu_layouts(model)
     model.set_kernels("torch")
@@ -87,7 +91,7 @@ def _median(xs: list[float]) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="bf16,int8,int4", help="comma-separated: bf16, int8, int4")
+    p.add_argument("--configs", default="bf16,int8,int4", help="comma-separated: bf16, int8, int4, int4-g64, int4-g128")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--n1", type=int, default=8)
@@ -121,12 +125,12 @@ def main() -> int:
             continue
         r = json.loads(lines[-1])
         medians[config] = _median(r["rates"])
-        print(f"  {config:5} decode {medians[config]:.2f} tok/s (rounds {', '.join(f'{x:.2f}' for x in r['rates'])}); "
+        print(f"  {config:9} decode {medians[config]:.2f} tok/s (rounds {', '.join(f'{x:.2f}' for x in r['rates'])}); "
               f"peak RSS {r['peak_gb']:.2f} GB (built: {r['built_gb']:.2f} GB in {r['build_s']:.0f} s); "
               f"layers {', '.join(r['layers'])}; load average {r['load_average']:.2f}; target: {TARGETS[config]}",
               flush=True)
-    for config in ("int8", "int4"):
-        if config in medians and "bf16" in medians:
+    for config in medians:
+        if config != "bf16" and "bf16" in medians:
             print(f"  {config} / bf16 decode: {medians[config] / medians['bf16']:.2f}")
     return 0
 

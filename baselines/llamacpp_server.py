@@ -3,7 +3,8 @@
 #   python -m komt.serve.loadtest --url http://127.0.0.1:8001 --scenario all      # then, from komt's python
 # llama-cpp-python's OpenAI-compatible server on a GGUF, on 127.0.0.1, so the same load test measures it as
 # it measures komt (the same model file once komt serves GGUF: SmolLM2-135M-Instruct.Q4_1.gguf, HELPERS.md).
-# Its server runs one request at a time, streams no `usage` (the load test then counts text chunks), and
+# Its server runs one request at a time (queued: `interrupt_requests` off, else each new request cuts the
+# running one short), streams no `usage` (the load test then counts text chunks), and
 # keeps the last prompt's KV itself, so the load test's "cold" second chat turn (a fresh cache_salt, which
 # it ignores) is not cold there.
 import argparse
@@ -31,7 +32,9 @@ def main() -> int:
     from llama_cpp.server.__main__ import main as serve
 
     sys.argv = ["llama_cpp.server", "--model", args.gguf, "--host", "127.0.0.1", "--port", str(args.port),
-                "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", str(args.n_ctx)]
+                "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", str(args.n_ctx),
+                # by default a new request interrupts the one running (each concurrent client got a few tokens)
+                "--interrupt_requests", "False"]
     serve()
     return 0
 
