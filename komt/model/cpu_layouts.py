@@ -21,6 +21,7 @@ the layer it had, which is always correct. Measured figures are in the variants'
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 from torch import nn
@@ -108,17 +109,18 @@ def return_freed_memory() -> None:
     224 layers of the 7B shape the process grew to 8.0 GB of RSS holding 4.4 GB of tensors (5.3 GB after a
     trim, measured). Trimming after each layer keeps the peak near the live size.
     """
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_MALLOC_TRIM = None
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None where there is none (another C library, another OS)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _fuse_fp32_groups(model: nn.Module, threads: int) -> None:
