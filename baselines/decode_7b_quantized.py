@@ -10,8 +10,8 @@ the quantized ones with bf16 embeddings; each built straight in its final form (
 `komt.load_model` would. Each configuration runs in a fresh process, which reports
 - decode tok/s = (N2 - N1) / (t(N2) - t(N1)) over two greedy runs of N1 and N2 new tokens (no EOS) after the
   same random prompt, per round (the prefill and first token cancel);
-- its peak RSS (getrusage ru_maxrss: building, quantizing, the layout pass and decoding included), and the
-  RSS once built.
+- its peak RSS (komt.model.peak_memory's VmHWM: building, quantizing, the layout pass and decoding
+  included), and the RSS once built.
 A configuration is skipped when the machine has less memory available than it needs (bf16: ~15 GB).
 
 Targets (issue 13): int4 >= 4 tok/s at peak RSS <= 5 GB; int8 >= 2.2 tok/s (bf16 measured 1.2 tok/s, 14.2 GB).
@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 # the weights, the layout pass's transients, a margin; int4-gN: int4 in groups of N (64, 128) instead of 32
 NEEDS_GB = {"bf16": 15.5, "int8": 8.5, "int4": 6.0, "int4-g64": 5.5, "int4-g128": 5.5}
@@ -37,7 +35,11 @@ TARGETS = {"int4": _INT4_TARGET, "int4-g64": _INT4_TARGET, "int4-g128": _INT4_TA
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    import torch
+
+    from komt.model.peak_memory import peak_memory_bytes
+
+    return peak_memory_bytes(torch.device("cpu")) / 2**30  # (GiB, as the recorded figures)
 
 
 def worker(args) -> None:
@@ -78,10 +80,11 @@ def worker(args) -> None:
 
 
 def _available_gb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    return float("inf")
+    import torch
+
+    from komt.serve.budget import available_bytes
+
+    return available_bytes(torch.device("cpu")) / 2**30
 
 
 def _median(xs: list[float]) -> float:
