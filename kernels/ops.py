@@ -12,9 +12,10 @@ Forward only: compiled code that needs gradients through the kernels takes the a
 
 Registration: nothing registers when `kernels` is imported (komt imports `kernels.reference` on every
 machine). Each op is a module attribute made on first access (PEP 562 `__getattr__` at the end of this
-file), which registers its group (attention + RMSNorm, or the two dequantize-matmuls) with torch. torch.compile resolves a module attribute by
-calling getattr while it traces, outside the graph, so the first compiled call registers them too,
-without a graph break (checked with fullgraph=True in tests/test_kernels_quant.py).
+file), which registers its group (attention + RMSNorm, or the two dequantize-matmuls) with torch.
+torch.compile resolves a module attribute by calling getattr while it traces, outside the graph, so the
+first compiled call registers them too, without a graph break (checked with fullgraph=True in
+tests/test_kernels_quant.py).
 """
 
 from typing import Optional
