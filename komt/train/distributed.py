@@ -64,7 +64,7 @@ def teardown(ctx: DistContext, finished: bool = False) -> None:
     that had succeeded. After an error there is no barrier: a failed peer would never reach it."""
     if ctx.enabled and dist.is_initialized():
         if finished:
-            dist.barrier()
+            barrier(ctx)
         dist.destroy_process_group()
 
 
